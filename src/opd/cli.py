@@ -1,0 +1,184 @@
+"""Command line: ``opd train``, ``opd eval``, ``opd demo``, ``opd recipes``.
+
+Every user error prints one line (``opd: error: ...``) and exits with code 2;
+``--debug`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+
+def _add_debug(parser: argparse.ArgumentParser, top: bool = False) -> None:
+    # Sub-commands must not reset a --debug given before the command name.
+    default = False if top else argparse.SUPPRESS
+    parser.add_argument("--debug", action="store_true", default=default, help="show full tracebacks on errors")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="opd", description="On-policy distillation of language models.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _add_debug(parser, top=True)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p_train = sub.add_parser(
+        "train", help="train a student with a recipe or YAML config",
+        description="Train a student. CONFIG is a YAML file or a shipped recipe name (see `opd recipes`); "
+        "append section.key=value overrides, e.g. `loss.beta=0.5 train.steps=200`.",
+    )
+    p_train.add_argument("config", help="YAML file or recipe name")
+    p_train.add_argument("overrides", nargs="*", help="section.key=value overrides")
+    p_train.add_argument(
+        "--resume", action="store_true", help="continue the run in train.output_dir from its last checkpoint"
+    )
+    p_train.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    _add_debug(p_train)
+
+    p_eval = sub.add_parser(
+        "eval", help="evaluate a student: accuracy, divergence to a teacher, first-error positions",
+        description="Greedy (and sampled) accuracy against reference answers, teacher-student divergence on "
+        "the student's samples, and the first-error-position curve.",
+    )
+    p_eval.add_argument("--student", required=True, help="student model directory or hub id")
+    p_eval.add_argument("--data", required=True, help="prompts with reference answers (.jsonl/.parquet/dataset)")
+    p_eval.add_argument("--teacher", help="teacher model, to report the divergence on student samples")
+    p_eval.add_argument("--max-new-tokens", type=int, default=128)
+    p_eval.add_argument("--temperature", type=float, default=1.0, help="sampling temperature for sampled accuracy")
+    p_eval.add_argument("--limit", type=int, help="evaluate only the first N prompts")
+    p_eval.add_argument("--scorer", default="exact_match", help="exact_match or module:function")
+    p_eval.add_argument("--first-error", default="reference", help="reference or module:function")
+    p_eval.add_argument("--no-sampled", action="store_true", help="only greedy decoding")
+    p_eval.add_argument("--json", type=Path, help="also write the results as JSON")
+    _add_debug(p_eval)
+
+    p_demo = sub.add_parser(
+        "demo", help="the built-in CPU demo: off-policy vs on-policy vs mixed distillation",
+        description="Distil the shipped teacher into a small student on a synthetic task, off-policy "
+        "(supervised KD), on-policy (lambda=1) and mixed (lambda=0.5), and print a comparison table.",
+    )
+    p_demo.add_argument("--steps", type=int, help="distillation steps per method")
+    p_demo.add_argument("--seeds", type=int, help="number of seeds")
+    p_demo.add_argument("--quick", action="store_true", help="a small version (about a minute)")
+    p_demo.add_argument("--out", type=Path, default=Path("runs/demo"), help="where runs are written")
+    p_demo.add_argument("--json", type=Path, help="write the results table as JSON")
+    p_demo.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    _add_debug(p_demo)
+
+    sub.add_parser("recipes", help="list the shipped recipes")
+    return parser
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from opd.config import dump_config, load_config
+    from opd.trainer import check_trainable, train
+
+    config = load_config(args.config, args.overrides)
+    if args.print_config:
+        print(dump_config(config), end="")
+        return 0
+    check_trainable(config)
+    train(config, resume=args.resume)
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    import torch
+
+    from opd.config import DataConfig
+    from opd.data import load_examples
+    from opd.errors import ConfigError
+    from opd.eval import evaluate, resolve_first_error, resolve_scorer
+    from opd.models import load_causal_lm, load_tokenizer, shared_vocab_size
+    from opd.rollout import SamplingParams
+    from opd.teachers import LocalTeacher, check_same_tokenizer
+
+    if args.temperature <= 0:
+        raise ConfigError(f"--temperature must be > 0 (got {args.temperature})")
+    if args.max_new_tokens < 1:
+        raise ConfigError(f"--max-new-tokens must be >= 1 (got {args.max_new_tokens})")
+    tokenizer = load_tokenizer(args.student)
+    student = load_causal_lm(args.student)
+    teacher = None
+    if args.teacher:
+        teacher_tok = load_tokenizer(args.teacher)
+        check_same_tokenizer(tokenizer, teacher_tok)
+        teacher = LocalTeacher(load_causal_lm(args.teacher), teacher_tok, name=args.teacher)
+    vocab = shared_vocab_size(tokenizer, student, *([teacher.model] if teacher else []))
+    examples, _ = load_examples(args.data, DataConfig(train=args.data), tokenizer, limit=args.limit, need_answers=True)
+    torch.manual_seed(0)
+    results = evaluate(
+        student, tokenizer, examples,
+        SamplingParams(args.max_new_tokens, temperature=args.temperature, vocab_size=vocab),
+        scorer=resolve_scorer(args.scorer), first_error=resolve_first_error(args.first_error),
+        teacher=teacher, vocab_size=vocab, sampled=not args.no_sampled,
+    )
+    for key, value in results.items():
+        if not isinstance(value, list):
+            print(f"{key:28s} {value:.4f}")
+    curve = results.get("eval/first_error_curve", [])
+    if curve:
+        print("still correct after k words (greedy): " + " ".join(f"{v:.2f}" for v in curve))
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from opd.demo.run import run_demo
+
+    run_demo(out_dir=args.out, steps=args.steps, seeds=args.seeds, quick=args.quick, json_path=args.json,
+             threads=args.threads)
+    return 0
+
+
+def _cmd_recipes(args: argparse.Namespace) -> int:
+    from opd.config import recipe_names
+
+    for name in recipe_names():
+        print(name)
+    return 0
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    handlers: dict[str, Any] = {"train": _cmd_train, "eval": _cmd_eval, "demo": _cmd_demo, "recipes": _cmd_recipes}
+    debug = getattr(args, "debug", False)
+    from opd.errors import OpdError
+
+    try:
+        return handlers[args.command](args)
+    except KeyboardInterrupt:
+        print("opd: interrupted", file=sys.stderr)
+        return 130
+    except OpdError as exc:
+        if debug:
+            raise
+        print(f"opd: error: {_one_line(exc)}", file=sys.stderr)
+        return 2
+    except Exception as exc:  # anything else still gets one line unless --debug
+        if debug:
+            raise
+        print(f"opd: error: {type(exc).__name__}: {_one_line(exc)} (rerun with --debug for the traceback)",
+              file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

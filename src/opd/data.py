@@ -1,0 +1,168 @@
+"""Prompt datasets: JSONL / Parquet / ``datasets`` sources rendered into token ids.
+
+Each row holds either a plain ``prompt`` string or chat ``messages`` (rendered with
+the tokenizer's chat template and a generation prompt), and optionally a reference
+``answer``. Field names are configurable (:class:`opd.config.DataConfig`).
+
+Sequence format used throughout opd: ``prompt_ids = tokenizer(prompt).input_ids``
+(special tokens as the tokenizer adds them), ``completion_ids =
+tokenizer(answer, add_special_tokens=False).input_ids + [eos]``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from opd.config import DataConfig
+from opd.errors import DataError
+
+
+@dataclass
+class Example:
+    """One prompt, tokenised, with its optional reference answer."""
+
+    prompt: str
+    prompt_ids: list[int]
+    answer: str | None = None
+    answer_ids: list[int] | None = None  # reference completion incl. EOS
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class LoadReport:
+    rows: int = 0
+    kept: int = 0
+    skipped_overlong: int = 0
+    truncated: int = 0
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    rows = []
+    try:
+        with path.open("rb") as handle:
+            for lineno, raw in enumerate(handle, start=1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError:
+                    raise DataError(f"{path}:{lineno}: line is not valid UTF-8") from None
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise DataError(f"{path}:{lineno}: malformed JSON ({exc.msg} at column {exc.colno})") from None
+                if not isinstance(row, dict):
+                    raise DataError(f"{path}:{lineno}: each line must be a JSON object, got {type(row).__name__}")
+                rows.append(row)
+    except OSError as exc:
+        raise DataError(f"cannot read {path}: {exc.strerror}") from None
+    return rows
+
+
+def _read_rows(source: str, split: str) -> list[dict[str, Any]]:
+    path = Path(source)
+    if path.is_file():
+        suffix = path.suffix.lower()
+        if suffix in (".jsonl", ".ndjson"):
+            return _read_jsonl(path)
+        if suffix == ".json":
+            try:
+                data = json.loads(path.read_text(encoding="utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+                raise DataError(f"{path}: not valid JSON ({exc})") from None
+            if isinstance(data, list) and all(isinstance(r, dict) for r in data):
+                return data
+            return _read_jsonl(path)
+        if suffix == ".parquet":
+            import pyarrow.parquet as pq
+
+            try:
+                return pq.read_table(path).to_pylist()
+            except Exception as exc:  # pyarrow raises several unrelated types
+                raise DataError(f"{path}: cannot read Parquet ({exc})") from None
+        raise DataError(f"{path}: unsupported file type {suffix!r}; use .jsonl, .json or .parquet")
+    if path.is_dir():
+        import datasets
+
+        try:
+            ds = datasets.load_from_disk(str(path))
+        except Exception as exc:
+            raise DataError(f"{path}: not a saved `datasets` directory ({exc})") from None
+        if isinstance(ds, datasets.DatasetDict):
+            if split not in ds:
+                raise DataError(f"{path}: no split {split!r}; available: {', '.join(ds)}")
+            ds = ds[split]
+        return ds.to_list()
+    if source.endswith((".jsonl", ".json", ".parquet", ".ndjson")) or "/" not in source:
+        raise DataError(f"data file {source} does not exist")
+    import datasets
+
+    try:
+        return datasets.load_dataset(source, split=split).to_list()
+    except Exception as exc:
+        raise DataError(f"cannot load dataset {source!r} split {split!r}: {str(exc).splitlines()[0]}") from None
+
+
+def render_prompt(row: dict[str, Any], cfg: DataConfig, tokenizer: Any, where: str) -> str:
+    """The prompt text the model sees: the plain prompt, or chat messages through the template."""
+    if cfg.messages_field in row and row[cfg.messages_field] is not None:
+        messages = row[cfg.messages_field]
+        if not isinstance(messages, list) or not all(isinstance(m, dict) and "role" in m for m in messages):
+            raise DataError(f"{where}: `{cfg.messages_field}` must be a list of {{role, content}} objects")
+        if not messages:
+            raise DataError(f"{where}: `{cfg.messages_field}` is empty")
+        if getattr(tokenizer, "chat_template", None) is None:
+            raise DataError(f"{where}: chat `messages` given but the tokenizer has no chat template")
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    if cfg.prompt_field not in row:
+        raise DataError(f"{where}: missing field `{cfg.prompt_field}` (or `{cfg.messages_field}`)")
+    prompt = row[cfg.prompt_field]
+    if not isinstance(prompt, str):
+        raise DataError(f"{where}: `{cfg.prompt_field}` must be a string, got {type(prompt).__name__}")
+    if not prompt.strip():
+        raise DataError(f"{where}: `{cfg.prompt_field}` is empty")
+    return prompt
+
+
+def load_examples(
+    source: str, cfg: DataConfig, tokenizer: Any, *, limit: int | None = None, need_answers: bool = False
+) -> tuple[list[Example], LoadReport]:
+    """Read ``source`` and tokenise every row; raises :class:`DataError` with file and row."""
+    rows = _read_rows(source, cfg.split)
+    if limit is not None:
+        rows = rows[:limit]
+    if not rows:
+        raise DataError(f"{source}: the dataset is empty")
+    report = LoadReport(rows=len(rows))
+    examples: list[Example] = []
+    for index, row in enumerate(rows, start=1):
+        where = f"{source}: row {index}"
+        prompt = render_prompt(row, cfg, tokenizer, where)
+        has_template_bos = cfg.messages_field in row and row[cfg.messages_field] is not None
+        prompt_ids = tokenizer(prompt, add_special_tokens=not has_template_bos).input_ids
+        if len(prompt_ids) > cfg.max_prompt_tokens:
+            if cfg.overlong == "skip":
+                report.skipped_overlong += 1
+                continue
+            prompt_ids = prompt_ids[-cfg.max_prompt_tokens :]
+            report.truncated += 1
+        answer = row.get(cfg.answer_field)
+        if answer is not None and not isinstance(answer, str):
+            answer = str(answer)
+        if need_answers and not answer:
+            raise DataError(f"{where}: missing reference `{cfg.answer_field}` (needed by this recipe)")
+        answer_ids = None
+        if answer:
+            answer_ids = tokenizer(answer, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+        extra = {k: v for k, v in row.items() if k not in (cfg.prompt_field, cfg.messages_field, cfg.answer_field)}
+        examples.append(Example(prompt, prompt_ids, answer or None, answer_ids, extra))
+    report.kept = len(examples)
+    if not examples:
+        raise DataError(
+            f"{source}: all {report.rows} prompts are longer than data.max_prompt_tokens="
+            f"{cfg.max_prompt_tokens}; raise it or set data.overlong=truncate"
+        )
+    return examples, report

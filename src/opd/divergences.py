@@ -1,0 +1,312 @@
+"""The f-divergence family between teacher and student next-token distributions.
+
+Every divergence here compares, at each position, the teacher distribution
+``p = softmax(teacher_logits / temperature)`` with the student distribution
+``q = softmax(student_logits / temperature)``:
+
+==================  =====================================================  ==================
+kind                value per position                                      paper
+==================  =====================================================  ==================
+forward_kl          KL(p || q) = sum_v p (log p - log q)                     Hinton et al. 2015
+reverse_kl          KL(q || p) = sum_v q (log q - log p)                     MiniLLM 2306.08543
+jsd                 [b KL(p||m) + (1-b) KL(q||m)] / (b (1-b)), m = b p + (1-b) q  GKD 2306.13649
+tv                  1/2 sum_v |p - q|
+skew_forward_kl     KL(p || a p + (1-a) q)                                   DistiLLM 2402.03898
+skew_reverse_kl     KL(q || (1-a) p + a q)                                   DistiLLM 2402.03898
+==================  =====================================================  ==================
+
+**JSD(beta) convention.** The mixture ``m = beta p + (1 - beta) q`` and the weights
+follow GKD (arXiv 2306.13649, Sec. 3) and TRL's ``generalized_jsd_loss``. The raw
+GKD value goes to 0 at both ends of beta, so implementations that special-case
+beta in {0, 1} jump from ~0 to a full KL there. opd divides by ``beta (1 - beta)``:
+the result tends to KL(p || q) as beta -> 0 and to KL(q || p) as beta -> 1
+(first-order expansion of the mixture), so ``jsd`` is continuous on [0, 1] and
+equals forward / reverse KL exactly at the endpoints. Multiply by
+``beta * (1 - beta)`` to get GKD's / TRL's raw value for beta in (0, 1).
+
+**Temperature.** One temperature divides both sets of logits here; the rollout
+engine samples the student with the same value (``temperature`` in the run
+config), so the distribution the loss matches is the one that wrote the tokens.
+No ``temperature**2`` factor is applied.
+
+**Gradients.** Only the student receives a gradient; the teacher side is treated as
+a constant (teachers are frozen, and a self-teacher is detached by design).
+
+**Memory.** Positions are processed in chunks of ``chunk_size`` rows: at most one
+chunk of fp32 ``[chunk, V]`` intermediates is alive at a time. The gradient with
+respect to the student logits is computed in the same pass (closed form, below)
+and written straight into a buffer of the logits' own dtype, so the backward pass
+is a single scaled copy and nothing is recomputed. Masked positions are never read.
+
+Closed-form gradient used for all kinds: if ``D`` depends on ``q`` and
+``g = dD/dq``, then ``dD/dz = (q * g - q * <q, g>) / temperature`` for student
+logits ``z``. Each kind below returns ``q * g`` (up to a multiple of ``q``, which the
+centring removes).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import NamedTuple
+
+import torch
+
+KINDS = ("forward_kl", "reverse_kl", "jsd", "tv", "skew_forward_kl", "skew_reverse_kl")
+DEFAULT_CHUNK_SIZE = 1024
+
+
+class _Terms(NamedTuple):
+    value_N: torch.Tensor
+    weighted_grad_NV: torch.Tensor | None  # q * dD/dq, or None when no gradient is needed
+
+
+# Each term function takes student / teacher log-probs [N, V] (fp32) and returns the
+# per-row divergence and, when asked, q * dD/dq.
+TermFn = Callable[[torch.Tensor, torch.Tensor, float, float, bool], _Terms]
+
+
+def _forward_kl(s: torch.Tensor, t: torch.Tensor, beta: float, alpha: float, grad: bool) -> _Terms:
+    p = t.exp()
+    value = (p * (t - s)).sum(-1)
+    return _Terms(value, -p if grad else None)
+
+
+def _reverse_kl(s: torch.Tensor, t: torch.Tensor, beta: float, alpha: float, grad: bool) -> _Terms:
+    q = s.exp()
+    q_log_ratio = q * (s - t)
+    return _Terms(q_log_ratio.sum(-1), q_log_ratio if grad else None)
+
+
+def _log_mixture(a: torch.Tensor, b: torch.Tensor, weight_a: float) -> torch.Tensor:
+    """log(weight_a * exp(a) + (1 - weight_a) * exp(b)), exact at weight_a in {0, 1}."""
+    if weight_a <= 0.0:
+        return b
+    if weight_a >= 1.0:
+        return a
+    return torch.logaddexp(a + math.log(weight_a), b + math.log1p(-weight_a))
+
+
+def _log_ratio_to_mixture(a: torch.Tensor, b: torch.Tensor, weight_b: float, log_m: torch.Tensor) -> torch.Tensor:
+    """log(P_a / m) for m = (1 - weight_b) P_a + weight_b P_b, without cancellation.
+
+    Equals -log1p(weight_b * expm1(b - a)); that form keeps full precision when m is
+    close to P_a (small weight_b), which is what makes JSD(beta) smooth at the ends.
+    Where b - a is large the direct difference is already exact enough and expm1
+    would overflow, so it is used there.
+    """
+    diff = b - a
+    stable = -torch.log1p(weight_b * torch.expm1(diff.clamp(max=20.0)))
+    return torch.where(diff < 20.0, stable, a - log_m)
+
+
+def _jsd(s: torch.Tensor, t: torch.Tensor, beta: float, alpha: float, grad: bool) -> _Terms:
+    if beta <= 0.0:
+        return _forward_kl(s, t, beta, alpha, grad)
+    if beta >= 1.0:
+        return _reverse_kl(s, t, beta, alpha, grad)
+    log_m = _log_mixture(t, s, beta)
+    student_vs_m = _log_ratio_to_mixture(s, t, beta, log_m)  # log q - log m
+    teacher_vs_m = _log_ratio_to_mixture(t, s, 1.0 - beta, log_m)  # log p - log m
+    q_log_ratio = s.exp() * student_vs_m
+    raw = beta * (t.exp() * teacher_vs_m).sum(-1) + (1.0 - beta) * q_log_ratio.sum(-1)
+    value = raw / (beta * (1.0 - beta))
+    # d raw / dq = (1 - beta) (log q - log m); divided by beta (1 - beta).
+    return _Terms(value, q_log_ratio / beta if grad else None)
+
+
+def _tv(s: torch.Tensor, t: torch.Tensor, beta: float, alpha: float, grad: bool) -> _Terms:
+    q = s.exp()
+    diff = q - t.exp()
+    value = 0.5 * diff.abs().sum(-1)
+    return _Terms(value, 0.5 * q * diff.sign() if grad else None)
+
+
+def _skew_forward_kl(s: torch.Tensor, t: torch.Tensor, beta: float, alpha: float, grad: bool) -> _Terms:
+    log_m = _log_mixture(t, s, alpha)
+    value = (t.exp() * (t - log_m)).sum(-1)
+    if not grad:
+        return _Terms(value, None)
+    # dD/dq = -(1 - alpha) p / m; q p / m evaluated in log space so it never divides 0 by 0.
+    return _Terms(value, -(1.0 - alpha) * (s + t - log_m).exp())
+
+
+def _skew_reverse_kl(s: torch.Tensor, t: torch.Tensor, beta: float, alpha: float, grad: bool) -> _Terms:
+    log_m = _log_mixture(s, t, alpha)
+    q = s.exp()
+    q_log_ratio = q * (s - log_m)
+    if not grad:
+        return _Terms(q_log_ratio.sum(-1), None)
+    # dD/dq = log q - log m + 1 - alpha q / m; the constant 1 is removed by centring.
+    return _Terms(q_log_ratio.sum(-1), q_log_ratio - alpha * (2.0 * s - log_m).exp())
+
+
+REGISTRY: dict[str, TermFn] = {
+    "forward_kl": _forward_kl,
+    "reverse_kl": _reverse_kl,
+    "jsd": _jsd,
+    "tv": _tv,
+    "skew_forward_kl": _skew_forward_kl,
+    "skew_reverse_kl": _skew_reverse_kl,
+}
+
+
+def _check_params(kind: str, beta: float, alpha: float, temperature: float) -> None:
+    if kind not in REGISTRY:
+        raise ValueError(f"unknown divergence {kind!r}; choose one of {', '.join(KINDS)}")
+    if not 0.0 <= beta <= 1.0:
+        raise ValueError(f"beta must be in [0, 1], got {beta}")
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    if not temperature > 0.0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+
+
+class _ChunkedDivergence(torch.autograd.Function):
+    """Per-row divergence over rows ``rows_R`` of flattened logits, chunk by chunk."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx,
+        student_NV: torch.Tensor,
+        teacher_NV: torch.Tensor,
+        rows_R: torch.Tensor,
+        kind: str,
+        beta: float,
+        alpha: float,
+        temperature: float,
+        chunk_size: int,
+        inplace_backward: bool,
+    ) -> torch.Tensor:
+        term_fn = REGISTRY[kind]
+        need_grad = ctx.needs_input_grad[0]
+        # fp32 workspace (fp64 when the caller passes fp64, e.g. gradient checks).
+        work_dtype = torch.promote_types(student_NV.dtype, torch.float32)
+        values_N = torch.zeros(student_NV.shape[0], dtype=work_dtype, device=student_NV.device)
+        grad_NV = torch.zeros_like(student_NV) if need_grad else None
+        for start in range(0, rows_R.numel(), chunk_size):
+            rows = rows_R[start : start + chunk_size]
+            s = torch.log_softmax(student_NV.index_select(0, rows).to(work_dtype) / temperature, dim=-1)
+            t = torch.log_softmax(teacher_NV.index_select(0, rows).to(work_dtype) / temperature, dim=-1)
+            terms = term_fn(s, t, beta, alpha, need_grad)
+            values_N.index_copy_(0, rows, terms.value_N)
+            if grad_NV is not None:
+                qg = terms.weighted_grad_NV
+                grad_rows = (qg - s.exp() * qg.sum(-1, keepdim=True)) / temperature
+                grad_NV.index_copy_(0, rows, grad_rows.to(grad_NV.dtype))
+            del s, t, terms
+        # Kept on ctx rather than save_for_backward: backward scales it in place, which the
+        # saved-tensor version check would (rightly) reject.
+        ctx.grad_NV = grad_NV
+        ctx.inplace_backward = inplace_backward
+        ctx.consumed = False
+        return values_N
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad_values_N: torch.Tensor):  # type: ignore[override]
+        grad_NV = ctx.grad_NV
+        none = (None,) * 8
+        if grad_NV is None:
+            return (None,) + none
+        scale = grad_values_N.to(grad_NV.dtype).unsqueeze(-1)
+        if not ctx.inplace_backward:
+            return (grad_NV * scale,) + none
+        if ctx.consumed:
+            raise RuntimeError("per_token(..., inplace_backward=True) supports one backward pass; "
+                               "pass inplace_backward=False to backpropagate through it twice")
+        # The buffer belongs to this node alone, so scaling it in place saves a [N, V] copy.
+        ctx.consumed = True
+        ctx.grad_NV = None
+        return (grad_NV.mul_(scale),) + none
+
+
+def per_token(
+    kind: str,
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    *,
+    beta: float = 0.5,
+    alpha: float = 0.1,
+    temperature: float = 1.0,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    inplace_backward: bool = True,
+) -> torch.Tensor:
+    """Per-position divergence between teacher and student, no reduction.
+
+    Args:
+        kind: one of ``forward_kl``, ``reverse_kl``, ``jsd``, ``tv``,
+            ``skew_forward_kl``, ``skew_reverse_kl`` (see the module docstring).
+        student_logits: ``[B, T, V]`` (or ``[N, V]``) student logits; receives the gradient.
+        teacher_logits: same shape; treated as a constant.
+        mask: optional ``[B, T]`` (or ``[N]``) bool/0-1 tensor; masked positions are
+            skipped entirely and get value 0 and gradient 0.
+        beta: JSD interpolation, 0 = forward KL, 1 = reverse KL.
+        alpha: skew of the DistiLLM skew KLs (the paper uses 0.1).
+        temperature: softmax temperature for both distributions (> 0).
+        chunk_size: rows processed at a time; bounds the fp32 ``[chunk, V]`` workspace.
+        inplace_backward: scale the precomputed gradient in place (saves one ``[N, V]``
+            buffer); set False to backpropagate through the result more than once.
+
+    Returns:
+        ``[B, T]`` (or ``[N]``) tensor of per-position divergences, fp32 (fp64 for fp64 input).
+    """
+    _check_params(kind, beta, alpha, temperature)
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(
+            f"student logits {tuple(student_logits.shape)} and teacher logits "
+            f"{tuple(teacher_logits.shape)} differ; slice both to the shared vocabulary first"
+        )
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    lead_shape = student_logits.shape[:-1]
+    vocab = student_logits.shape[-1]
+    student_NV = student_logits.reshape(-1, vocab)
+    teacher_NV = teacher_logits.detach().reshape(-1, vocab)
+    if mask is None:
+        rows_R = torch.arange(student_NV.shape[0], device=student_NV.device)
+    else:
+        if mask.shape != lead_shape:
+            raise ValueError(f"mask shape {tuple(mask.shape)} does not match logits {tuple(lead_shape)}")
+        rows_R = mask.reshape(-1).nonzero().squeeze(-1)
+    values_N = _ChunkedDivergence.apply(
+        student_NV, teacher_NV, rows_R, kind, float(beta), float(alpha), float(temperature), int(chunk_size),
+        bool(inplace_backward),
+    )
+    return values_N.reshape(lead_shape)
+
+
+def per_token_reference(
+    kind: str,
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    *,
+    beta: float = 0.5,
+    alpha: float = 0.1,
+    temperature: float = 1.0,
+) -> torch.Tensor:
+    """Unchunked, plain-autograd version of :func:`per_token` written from the definitions.
+
+    Materialises every intermediate at full size; meant for tests and for checking the
+    chunked path, not for training.
+    """
+    _check_params(kind, beta, alpha, temperature)
+    dtype = torch.promote_types(student_logits.dtype, torch.float32)
+    q = torch.softmax(student_logits.to(dtype) / temperature, -1)
+    p = torch.softmax(teacher_logits.detach().to(dtype) / temperature, -1)
+
+    def kl(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return torch.where(a > 0, a * (a.log() - b.log()), torch.zeros_like(a)).sum(-1)
+
+    if kind == "forward_kl" or (kind == "jsd" and beta == 0.0):
+        return kl(p, q)
+    if kind == "reverse_kl" or (kind == "jsd" and beta == 1.0):
+        return kl(q, p)
+    if kind == "jsd":
+        m = beta * p + (1 - beta) * q
+        return (beta * kl(p, m) + (1 - beta) * kl(q, m)) / (beta * (1 - beta))
+    if kind == "tv":
+        return 0.5 * (p - q).abs().sum(-1)
+    if kind == "skew_forward_kl":
+        return kl(p, alpha * p + (1 - alpha) * q)
+    return kl(q, (1 - alpha) * p + alpha * q)

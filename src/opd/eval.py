@@ -1,0 +1,136 @@
+"""Evaluation: accuracy, teacher-student divergence on student samples, first-error positions.
+
+The first-error position is the exposure-bias picture: how far along its own
+output the student gets before it first leaves every correct answer. Its survival
+curve ``curve[k]`` = fraction of samples still correct after ``k`` words.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from opd import divergences
+from opd.data import Example
+from opd.errors import ConfigError
+from opd.models import completion_logits
+from opd.rollout import SamplingParams, build_batch, hf_generate
+
+Scorer = Callable[[str, str, "str | None"], bool]
+FirstError = Callable[[str, str, "str | None"], int]
+
+
+def exact_match(prompt: str, completion: str, reference: str | None) -> bool:
+    """Whitespace-normalised string equality with the reference."""
+    if reference is None:
+        return False
+    return " ".join(completion.split()) == " ".join(reference.split())
+
+
+def first_error_vs_reference(prompt: str, completion: str, reference: str | None) -> int:
+    """Words of the completion that match the reference before the first difference."""
+    if reference is None:
+        return 0
+    ref_words, out_words = reference.split(), completion.split()
+    n = 0
+    for a, b in zip(ref_words, out_words):
+        if a != b:
+            break
+        n += 1
+    return n
+
+
+def _resolve(spec: str, builtin: dict[str, Callable[..., Any]], what: str) -> Callable[..., Any]:
+    if spec in builtin:
+        return builtin[spec]
+    if ":" not in spec:
+        raise ConfigError(f"eval.{what}={spec!r}: use {' or '.join(builtin)} or module:function")
+    module_name, func_name = spec.split(":", 1)
+    try:
+        return getattr(importlib.import_module(module_name), func_name)
+    except (ImportError, AttributeError) as exc:
+        raise ConfigError(f"eval.{what}={spec!r} cannot be imported: {exc}") from None
+
+
+def resolve_scorer(spec: str) -> Scorer:
+    return _resolve(spec, {"exact_match": exact_match}, "scorer")
+
+
+def resolve_first_error(spec: str) -> FirstError:
+    return _resolve(spec, {"reference": first_error_vs_reference}, "first_error")
+
+
+def survival_curve(positions: list[int], length: int) -> list[float]:
+    """``curve[k]`` = fraction of samples whose first error is after word ``k``."""
+    if not positions:
+        return []
+    return [sum(1 for p in positions if p > k) / len(positions) for k in range(length)]
+
+
+@torch.no_grad()
+def evaluate(
+    student: torch.nn.Module,
+    tokenizer: Any,
+    examples: list[Example],
+    params: SamplingParams,
+    *,
+    scorer: Scorer = exact_match,
+    first_error: FirstError = first_error_vs_reference,
+    teacher: Any | None = None,
+    vocab_size: int | None = None,
+    batch_size: int = 64,
+    sampled: bool = True,
+    divergence_kind: str = "reverse_kl",
+) -> dict[str, Any]:
+    """Greedy (and sampled) accuracy, mean first-error position and its curve.
+
+    With a teacher, also the mean per-token ``divergence_kind`` between teacher and
+    student on the student's own samples (``eval/teacher_divergence``).
+    """
+    results: dict[str, Any] = {}
+    modes = [("greedy", True)] + ([("sampled", False)] if sampled else [])
+    for _mode, greedy in modes:
+        mode_params = SamplingParams(
+            max_new_tokens=params.max_new_tokens,
+            temperature=params.temperature,
+            top_p=params.top_p,
+            top_k=params.top_k,
+            greedy=greedy,
+            vocab_size=params.vocab_size,
+        )
+        correct, positions = 0, []
+        div_sum, div_tokens = 0.0, 0.0
+        max_words = 1
+        for start in range(0, len(examples), batch_size):
+            chunk = examples[start : start + batch_size]
+            outs = hf_generate(student, [e.prompt_ids for e in chunk], mode_params, tokenizer)
+            for example, ids in zip(chunk, outs):
+                text = tokenizer.decode(ids, skip_special_tokens=True)
+                correct += bool(scorer(example.prompt, text, example.answer))
+                positions.append(int(first_error(example.prompt, text, example.answer)))
+                max_words = max(max_words, len((example.answer or text).split()))
+            if teacher is not None and not greedy and vocab_size is not None:
+                batch = build_batch([e.prompt_ids for e in chunk], outs, tokenizer.pad_token_id)
+                student_logits = completion_logits(
+                    student, batch.input_ids_BT, batch.attention_mask_BT, batch.completion_len, vocab_size
+                )
+                teacher_logits = teacher.score(batch, vocab_size)
+                values = divergences.per_token(
+                    divergence_kind,
+                    student_logits,
+                    teacher_logits,
+                    batch.completion_mask_BC.bool(),
+                    temperature=params.temperature,
+                )
+                div_sum += float(values.sum())
+                div_tokens += float(batch.completion_mask_BC.sum())
+        suffix = "" if greedy else "_sampled"
+        results[f"eval/accuracy{suffix}"] = correct / len(examples)
+        results[f"eval/first_error{suffix}"] = sum(positions) / len(positions)
+        results[f"eval/first_error_curve{suffix}"] = survival_curve(positions, max_words)
+        if teacher is not None and not greedy and div_tokens:
+            results["eval/teacher_divergence"] = div_sum / div_tokens
+    return results

@@ -1,0 +1,98 @@
+"""Loading models and tokenizers with readable errors, and the shared scoring forward."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from opd.errors import ModelError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _looks_local(name: str) -> bool:
+    return name.startswith((".", "/", "~")) or Path(name).exists() or name.count("/") > 1
+
+
+def load_tokenizer(name: str, *, trust_remote_code: bool = False) -> Any:
+    from transformers import AutoTokenizer
+
+    if _looks_local(name) and not Path(name).expanduser().exists():
+        raise ModelError(f"tokenizer path {name} does not exist")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(Path(name).expanduser()) if _looks_local(name) else name,
+                                                  trust_remote_code=trust_remote_code)
+    except Exception as exc:
+        raise ModelError(f"cannot load tokenizer {name!r}: {str(exc).splitlines()[0]}") from None
+    if tokenizer.eos_token_id is None:
+        raise ModelError(f"tokenizer {name!r} has no EOS token; set one before training")
+    if tokenizer.pad_token_id is None:
+        # Padding is always masked, so reusing EOS as pad is safe here.
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_causal_lm(name: str, *, dtype: str = "float32", trust_remote_code: bool = False) -> torch.nn.Module:
+    """``AutoModelForCausalLM.from_pretrained`` with safetensors only and one-line errors."""
+    from transformers import AutoModelForCausalLM
+
+    if _looks_local(name) and not Path(name).expanduser().exists():
+        raise ModelError(f"model path {name} does not exist")
+    path = str(Path(name).expanduser()) if _looks_local(name) else name
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code, use_safetensors=True
+        )
+    except Exception as exc:
+        raise ModelError(f"cannot load model {name!r}: {str(exc).splitlines()[0]}") from None
+    return model
+
+
+def shared_vocab_size(tokenizer: Any, *models: torch.nn.Module) -> int:
+    """Vocabulary rows the loss compares: the tokenizer's length.
+
+    Checkpoints of one family often pad their embedding matrices to different
+    multiples (Qwen2.5-0.5B has 151936 rows, 7B 152064, the tokenizer 151665); rows
+    beyond the tokenizer are never real tokens, so logits are sliced to it.
+    """
+    vocab = len(tokenizer)
+    for model in models:
+        rows = model.get_output_embeddings().weight.shape[0]
+        if rows < vocab:
+            raise ModelError(
+                f"{model.config._name_or_path or 'model'} has {rows} output rows but its tokenizer has "
+                f"{vocab} tokens; the model does not match the tokenizer"
+            )
+    return vocab
+
+
+def completion_logits(
+    model: torch.nn.Module,
+    input_ids_BT: torch.Tensor,
+    attention_mask_BT: torch.Tensor,
+    completion_len: int,
+    vocab_size: int,
+) -> torch.Tensor:
+    """Logits predicting the last ``completion_len`` tokens: ``[B, completion_len, vocab_size]``.
+
+    Sequences are prompt (left-padded) + completion (right-padded), so the positions
+    that predict completion tokens are the last ``completion_len`` of the input without
+    its final token; ``logits_to_keep`` makes the LM head skip the prompt. Position ids
+    come from the attention mask, as in ``generate``, so left padding does not shift them.
+    """
+    inputs_BT = input_ids_BT[:, :-1]
+    mask_BT = attention_mask_BT[:, :-1]
+    position_ids_BT = (mask_BT.long().cumsum(-1) - 1).clamp(min=0)
+    out = model(
+        input_ids=inputs_BT,
+        attention_mask=mask_BT,
+        position_ids=position_ids_BT,
+        logits_to_keep=completion_len,
+        use_cache=False,
+    )
+    logits = out.logits
+    if logits.shape[-1] != vocab_size:
+        logits = logits[..., :vocab_size]
+    return logits

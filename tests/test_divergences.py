@@ -1,0 +1,190 @@
+"""Pinned numeric tests for the f-divergence family (opd.divergences)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from opd.divergences import KINDS, per_token, per_token_reference
+
+# Two-token vocabulary: student q = (1/2, 1/2) from logits (0, 0), teacher p = (3/4, 1/4)
+# from logits (log 3, 0). Values below were worked out by hand from the definitions:
+#   KL(p||q) = 3/4 ln(3/2) + 1/4 ln(1/2)
+#   KL(q||p) = 1/2 ln(2/3) + 1/2 ln 2
+#   JSD(1/2) = [1/2 KL(p||m) + 1/2 KL(q||m)] / (1/4), m = (5/8, 3/8)
+#   skew FKL(0.1) = KL(p || (0.525, 0.475)),  skew RKL(0.1) = KL(q || (0.725, 0.275))
+#   TV = 1/2 (1/4 + 1/4)
+HAND = {
+    "forward_kl": 0.13081203594113697,
+    "reverse_kl": 0.14384103622589042,
+    "jsd": 0.13528830227442082,
+    "tv": 0.25,
+    "skew_forward_kl": 0.10704273641095058,
+    "skew_reverse_kl": 0.11313672216156864,
+}
+
+
+def _two_token():
+    student = torch.tensor([[[0.0, 0.0]]])
+    teacher = torch.tensor([[[math.log(3.0), 0.0]]])
+    return student, teacher
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_hand_computed_values(kind):
+    student, teacher = _two_token()
+    value = per_token(kind, student, teacher, beta=0.5, alpha=0.1)
+    assert value.shape == (1, 1)
+    assert value.item() == pytest.approx(HAND[kind], rel=1e-6)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_temperature_divides_both_logits(kind):
+    student, teacher = _two_token()
+    # temperature 2 on logits (2x) == temperature 1 on logits (x)
+    hot = per_token(kind, 2 * student, 2 * teacher, beta=0.5, alpha=0.1, temperature=2.0)
+    assert hot.item() == pytest.approx(HAND[kind], rel=1e-6)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_zero_when_equal_and_never_negative(kind):
+    torch.manual_seed(0)
+    logits = torch.randn(3, 5, 50) * 3
+    same = per_token(kind, logits, logits.clone(), beta=0.3, alpha=0.2)
+    assert same.abs().max().item() < 1e-5
+    other = torch.randn(3, 5, 50) * 3
+    values = per_token(kind, logits, other, beta=0.3, alpha=0.2)
+    assert (values >= -1e-6).all()
+    assert values.min().item() > 0  # genuinely different distributions
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("temperature", [1.0, 0.6])
+def test_values_and_gradients_match_naive_reference(kind, temperature):
+    torch.manual_seed(1)
+    student = (torch.randn(2, 7, 33, dtype=torch.float64) * 2).requires_grad_()
+    reference_student = student.detach().clone().requires_grad_()
+    teacher = torch.randn(2, 7, 33, dtype=torch.float64) * 2
+    mask = torch.ones(2, 7, dtype=torch.bool)
+    mask[1, 4:] = False
+    weights = torch.randn(2, 7, dtype=torch.float64)
+
+    fast = per_token(kind, student, teacher, mask, beta=0.3, alpha=0.2, temperature=temperature, chunk_size=3)
+    slow = per_token_reference(kind, reference_student, teacher, beta=0.3, alpha=0.2, temperature=temperature)
+    slow = slow * mask
+    torch.testing.assert_close(fast, slow, rtol=1e-10, atol=1e-12)
+    (fast * weights).sum().backward()
+    (slow * weights).sum().backward()
+    torch.testing.assert_close(student.grad, reference_student.grad, rtol=1e-8, atol=1e-12)
+    assert student.grad[1, 4:].abs().max().item() == 0.0  # masked positions get no gradient
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_gradcheck(kind):
+    torch.manual_seed(2)
+    student = torch.randn(1, 3, 6, dtype=torch.float64, requires_grad=True)
+    teacher = torch.randn(1, 3, 6, dtype=torch.float64)
+    if kind == "tv":  # |.| is not differentiable where p == q; random logits keep away from it
+        teacher = teacher * 3
+    assert torch.autograd.gradcheck(
+        lambda s: per_token(kind, s, teacher, beta=0.4, alpha=0.3, chunk_size=2, inplace_backward=False),
+        (student,),
+    )
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_chunked_equals_unchunked(kind):
+    torch.manual_seed(3)
+    student = torch.randn(4, 9, 40)
+    teacher = torch.randn(4, 9, 40)
+    whole = per_token(kind, student, teacher, chunk_size=10_000)
+    for chunk in (1, 5, 17):
+        torch.testing.assert_close(per_token(kind, student, teacher, chunk_size=chunk), whole)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_all_masked_batch_gives_zero_and_finite_gradient(kind):
+    student = torch.randn(2, 4, 10, requires_grad=True)
+    teacher = torch.randn(2, 4, 10)
+    values = per_token(kind, student, teacher, torch.zeros(2, 4, dtype=torch.bool))
+    loss = values.sum() / max(0, 1)
+    loss.backward()
+    assert loss.item() == 0.0
+    assert torch.isfinite(student.grad).all() and student.grad.abs().max().item() == 0.0
+
+
+def test_jsd_endpoints_are_exact_kls_and_continuous():
+    torch.manual_seed(4)
+    student = torch.randn(3, 6, 30)
+    teacher = torch.randn(3, 6, 30)
+    fkl = per_token("forward_kl", student, teacher)
+    rkl = per_token("reverse_kl", student, teacher)
+    torch.testing.assert_close(per_token("jsd", student, teacher, beta=0.0), fkl)
+    torch.testing.assert_close(per_token("jsd", student, teacher, beta=1.0), rkl)
+    # no jump at the ends: beta = 1e-4 is within O(beta) of the endpoint value
+    near0 = per_token("jsd", student, teacher, beta=1e-4)
+    near1 = per_token("jsd", student, teacher, beta=1 - 1e-4)
+    assert (near0 - fkl).abs().max().item() < 2e-3 * fkl.max().item()
+    assert (near1 - rkl).abs().max().item() < 2e-3 * rkl.max().item()
+    # and the gradient is continuous too
+    s0 = student.clone().requires_grad_()
+    s1 = student.clone().requires_grad_()
+    per_token("jsd", s0, teacher, beta=1e-5).sum().backward()
+    per_token("forward_kl", s1, teacher).sum().backward()
+    torch.testing.assert_close(s0.grad, s1.grad, atol=1e-4, rtol=1e-3)
+
+
+def test_jsd_times_beta_one_minus_beta_is_the_gkd_value():
+    student, teacher = _two_token()
+    raw_gkd = 0.5 * 0.5 * HAND["jsd"]  # beta (1 - beta) * normalised value
+    value = per_token("jsd", student, teacher, beta=0.5) * 0.25
+    assert value.item() == pytest.approx(raw_gkd, rel=1e-6)
+
+
+def test_skew_endpoints():
+    torch.manual_seed(5)
+    student = torch.randn(2, 3, 12)
+    teacher = torch.randn(2, 3, 12)
+    torch.testing.assert_close(per_token("skew_forward_kl", student, teacher, alpha=0.0),
+                               per_token("forward_kl", student, teacher))
+    torch.testing.assert_close(per_token("skew_reverse_kl", student, teacher, alpha=0.0),
+                               per_token("reverse_kl", student, teacher))
+    assert per_token("skew_forward_kl", student, teacher, alpha=1.0).abs().max().item() < 1e-6
+    assert per_token("skew_reverse_kl", student, teacher, alpha=1.0).abs().max().item() < 1e-6
+
+
+def test_extreme_logits_stay_finite():
+    student = torch.tensor([[[80.0, -80.0, 0.0]]], requires_grad=True)
+    teacher = torch.tensor([[[-80.0, 80.0, 0.0]]])
+    for kind in KINDS:
+        values = per_token(kind, student, teacher, beta=0.5, alpha=0.1)
+        values.sum().backward()
+        assert torch.isfinite(values).all(), kind
+        assert torch.isfinite(student.grad).all(), kind
+        student.grad = None
+
+
+def test_bf16_logits_get_fp32_math_and_bf16_gradient():
+    torch.manual_seed(6)
+    student = torch.randn(2, 3, 20).bfloat16().requires_grad_()
+    teacher = torch.randn(2, 3, 20).bfloat16()
+    values = per_token("reverse_kl", student, teacher)
+    assert values.dtype == torch.float32
+    values.sum().backward()
+    assert student.grad.dtype == torch.bfloat16
+
+
+def test_bad_arguments_are_rejected():
+    student, teacher = _two_token()
+    with pytest.raises(ValueError, match="unknown divergence"):
+        per_token("kl", student, teacher)
+    with pytest.raises(ValueError, match="beta"):
+        per_token("jsd", student, teacher, beta=1.5)
+    with pytest.raises(ValueError, match="alpha"):
+        per_token("skew_forward_kl", student, teacher, alpha=-0.1)
+    with pytest.raises(ValueError, match="temperature"):
+        per_token("forward_kl", student, teacher, temperature=0.0)
+    with pytest.raises(ValueError, match="shared vocabulary"):
+        per_token("forward_kl", student, torch.zeros(1, 1, 3))
