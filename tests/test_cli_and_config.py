@@ -1,0 +1,122 @@
+"""Config validation and CLI error handling: one line, exit code 2, nothing written."""
+
+from __future__ import annotations
+
+import pytest
+
+from conftest import base_overrides
+from opd.cli import main
+from opd.config import apply_overrides, load_config, recipe_names
+from opd.errors import ConfigError
+
+
+def test_shipped_recipes_load():
+    assert set(recipe_names()) >= {"supervised_kd", "seqkd", "gkd", "on_policy_rkl"}
+    for name in recipe_names():
+        cfg = load_config(name, ["model.student=s", "teacher.model=t", "data.train=d.jsonl"])
+        assert cfg.train.steps > 0
+
+
+def test_overrides_parse_yaml_scalars():
+    data = apply_overrides({"loss": {"beta": 0.5}}, ["loss.beta=0.25", "train.progress=false", "data.eval=null"])
+    assert data == {"loss": {"beta": 0.25}, "train": {"progress": False}, "data": {"eval": None}}
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("loss.beta=1.5", "loss.beta"),
+        ("loss.alpha=-0.1", "loss.alpha"),
+        ("rollout.on_policy_fraction=2", "rollout.on_policy_fraction"),
+        ("temperature=0", "temperature"),
+        ("rollout.top_p=0", "rollout.top_p"),
+        ("rollout.top_p=1.5", "rollout.top_p"),
+        ("loss.divergence=kl", "loss.divergence"),
+        ("loss.bogus=1", "unknown key"),
+        ("nonsense=1", "unknown key"),
+        ("train.steps=0", "train.steps"),
+    ],
+)
+def test_bad_values_are_rejected_with_the_key(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config("gkd", ["model.student=s", "teacher.model=t", "data.train=d.jsonl", override])
+
+
+def test_nll_with_student_samples_is_refused():
+    with pytest.raises(ConfigError, match="on_policy_fraction=0"):
+        load_config("seqkd", ["model.student=s", "teacher.model=t", "data.train=d", "rollout.on_policy_fraction=1"])
+
+
+def _run_cli(capsys, args):
+    code = main(args)
+    captured = capsys.readouterr()
+    return code, captured.err.strip()
+
+
+def _assert_one_line_error(code, err, needle):
+    assert code == 2
+    assert err.startswith("opd: error:"), err
+    assert len(err.splitlines()) == 1, err
+    assert "Traceback" not in err
+    assert needle in err, err
+
+
+def test_cli_errors_are_one_line(tiny_setup, tmp_path, capsys):
+    out = tmp_path / "run"
+    base = base_overrides(tiny_setup, out, **{"train.steps": 1})
+    cases = [
+        (["train", "no_such_recipe"], "neither a file nor a recipe"),
+        (["train", "gkd", *base, "loss.beta=3"], "loss.beta"),
+        (["train", "gkd", *base, "model.student=/nope/student"], "does not exist"),
+        (["train", "gkd", *base, "data.train=/nope/train.jsonl"], "does not exist"),
+        (["train", "gkd", *base, "oops"], "section.key=value"),
+    ]
+    for args, needle in cases:
+        code, err = _run_cli(capsys, args)
+        _assert_one_line_error(code, err, needle)
+    assert not out.exists()  # nothing written for rejected configs
+
+
+def test_malformed_jsonl_names_file_and_line(tiny_setup, tmp_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "1 2 =", "answer": "+ 1 3"}\n{"prompt": "1 2 = \n')
+    code, err = _run_cli(capsys, ["train", "gkd", *base_overrides(tiny_setup, tmp_path / "r", **{
+        "data.train": str(bad)})])
+    _assert_one_line_error(code, err, "bad.jsonl:2")
+
+
+def test_missing_answer_for_off_policy(tiny_setup, tmp_path, capsys):
+    data = tmp_path / "noanswer.jsonl"
+    data.write_text('{"prompt": "1 2 ="}\n')
+    code, err = _run_cli(capsys, ["train", "supervised_kd", *base_overrides(tiny_setup, tmp_path / "r", **{
+        "data.train": str(data)})])
+    _assert_one_line_error(code, err, "missing reference `answer`")
+
+
+def test_debug_shows_traceback(capsys):
+    with pytest.raises(ConfigError):
+        main(["train", "no_such_recipe", "--debug"])
+
+
+def test_help_for_every_command(capsys):
+    for command in ("train", "eval", "demo"):
+        with pytest.raises(SystemExit) as exc:
+            main([command, "--help"])
+        assert exc.value.code == 0
+        assert "usage: opd " + command in capsys.readouterr().out
+
+
+def test_print_config(capsys):
+    assert main(["train", "on_policy_rkl", "model.student=s", "teacher.model=t", "data.train=d.jsonl",
+                 "--print-config"]) == 0
+    assert "divergence: reverse_kl" in capsys.readouterr().out
+
+
+def test_eval_command(tiny_setup, tmp_path, capsys):
+    out = tmp_path / "eval.json"
+    code = main(["eval", "--student", str(tiny_setup / "student"), "--teacher", str(tiny_setup / "teacher"),
+                 "--data", str(tiny_setup / "eval.jsonl"), "--max-new-tokens", "6", "--json", str(out)])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "eval/accuracy" in printed and "eval/teacher_divergence" in printed
+    assert out.exists()
