@@ -57,7 +57,9 @@ def test_parquet_and_chat_messages(tmp_path, tokenizer):
     import pyarrow.parquet as pq
 
     tok = PreTrainedTokenizerFast.from_pretrained(_save(tokenizer, tmp_path / "tok"))
-    tok.chat_template = "{% for m in messages %}{{ m['content'] }} {% endfor %}{% if add_generation_prompt %}={% endif %}"
+    tok.chat_template = (
+        "{% for m in messages %}{{ m['content'] }} {% endfor %}{% if add_generation_prompt %}={% endif %}"
+    )
     pq.write_table(pa.Table.from_pylist([
         {"messages": [{"role": "user", "content": "1 2"}], "answer": "+ 1 3"},
     ]), tmp_path / "d.parquet")
