@@ -120,3 +120,12 @@ def test_eval_command(tiny_setup, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "eval/accuracy" in printed and "eval/teacher_divergence" in printed
     assert out.exists()
+
+
+def test_readme_config_reference_is_current():
+    from pathlib import Path
+
+    from opd.config import config_reference_markdown
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert config_reference_markdown() in readme, "regenerate with: python -m opd.config"

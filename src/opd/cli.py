@@ -68,7 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
     p_demo.add_argument("--quick", action="store_true", help="a small version (about a minute)")
     p_demo.add_argument("--out", type=Path, default=Path("runs/demo"), help="where runs are written")
     p_demo.add_argument("--json", type=Path, help="write the results table as JSON")
-    p_demo.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    p_demo.add_argument("--threads", type=int, default=1, help="torch CPU threads per process")
+    p_demo.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
+                        help="seeds run in parallel processes (default: 2 where there are 2 cores)")
     _add_debug(p_demo)
 
     sub.add_parser("recipes", help="list the shipped recipes")
@@ -134,7 +136,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from opd.demo.run import run_demo
 
     run_demo(out_dir=args.out, steps=args.steps, seeds=args.seeds, quick=args.quick, json_path=args.json,
-             threads=args.threads)
+             threads=args.threads, jobs=args.jobs)
     return 0
 
 

@@ -257,3 +257,24 @@ def load_config(source: str, overrides: list[str] | None = None) -> RunConfig:
 
 def dump_config(config: RunConfig) -> str:
     return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+
+
+def config_reference_markdown() -> str:
+    """The config reference table of the README, generated from the field docstrings."""
+    lines = ["| key | default | description |", "|---|---|---|"]
+
+    def walk(model: type[BaseModel], prefix: str) -> None:
+        for name, info in model.model_fields.items():
+            annotation = info.annotation
+            if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+                walk(annotation, f"{prefix}{name}.")
+                continue
+            default = "required" if info.is_required() else repr(info.default)
+            lines.append(f"| `{prefix}{name}` | `{default}` | {info.description or ''} |")
+
+    walk(RunConfig, "")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(config_reference_markdown())
