@@ -129,3 +129,12 @@ def test_readme_config_reference_is_current():
 
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     assert config_reference_markdown() in readme, "regenerate with: python -m opd.config"
+
+
+def test_argparse_errors_are_one_line(capsys):
+    for args in (["train"], ["eval", "--student", "x", "--data", "y", "--max-new-tokens", "many"], ["bogus"]):
+        with pytest.raises(SystemExit) as exc:
+            main(args)
+        assert exc.value.code == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("opd: error:") and len(err.splitlines()) == 1, err

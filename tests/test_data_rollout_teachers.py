@@ -39,8 +39,8 @@ def test_jsonl_prompts_answers_and_overlong(tmp_path, tokenizer):
 
 @pytest.mark.parametrize("content, needle", [
     (b'{"prompt": "1 ="}\nnot json\n', "d.jsonl:2: malformed JSON"),
-    (b'{"prompt": "1 ="}\n{"answer": "x"}\n', "row 2: missing field `prompt`"),
-    (b'{"prompt": "   "}\n', "row 1: `prompt` is empty"),
+    (b'{"prompt": "1 ="}\n\n{"answer": "x"}\n', "d.jsonl:3: missing field `prompt`"),
+    (b'{"prompt": "   "}\n', "d.jsonl:1: `prompt` is empty"),
     (b'{"prompt": "1 \xff\xfe ="}\n', "d.jsonl:1: line is not valid UTF-8"),
     (b"", "dataset is empty"),
     (b'[1, 2]\n', "must be a JSON object"),
@@ -62,10 +62,20 @@ def test_parquet_and_chat_messages(tmp_path, tokenizer):
     )
     pq.write_table(pa.Table.from_pylist([
         {"messages": [{"role": "user", "content": "1 2"}], "answer": "+ 1 3"},
+        {"messages": [{"role": "user", "content": "4"}, {"role": "assistant", "content": "+ 4"}], "answer": None},
     ]), tmp_path / "d.parquet")
     examples, _ = load_examples(str(tmp_path / "d.parquet"), DataConfig(train="x"), tok)
     assert examples[0].prompt == "1 2 ="
     assert tok.convert_ids_to_tokens(examples[0].prompt_ids) == ["1", "2", "="]
+    # a trailing assistant turn is the reference answer, not part of the prompt
+    assert examples[1].prompt == "4 =" and examples[1].answer == "+ 4"
+
+
+def test_json_lines_saved_as_json(tmp_path, tokenizer):
+    path = tmp_path / "d.json"
+    path.write_text('{"prompt": "1 =", "answer": "+ 1"}\n{"prompt": "2 ="}\n')
+    examples, _ = load_examples(str(path), DataConfig(train="x"), tokenizer)
+    assert [e.prompt for e in examples] == ["1 =", "2 ="]
 
 
 def _save(tokenizer, path):
@@ -108,8 +118,7 @@ def test_greedy_generation_matches_scoring_forward(tokenizer):
     prompts = [tokenizer("1 2 3 4 5 =").input_ids, tokenizer("7 =").input_ids]
     outs = hf_generate(model, prompts, SamplingParams(max_new_tokens=6, greedy=True), tokenizer)
     batch = build_batch(prompts, outs, tokenizer.pad_token_id)
-    logits = completion_logits(model, batch.input_ids_BT, batch.attention_mask_BT, batch.completion_len,
-                               len(tokenizer))
+    logits = completion_logits(model, batch.input_ids_BT, batch.attention_mask_BT, batch.completion_len)
     chosen = logits.argmax(-1)
     mask = batch.completion_mask_BC.bool()
     assert torch.equal(chosen[mask], batch.completion_ids_BC[mask])
@@ -140,9 +149,14 @@ def test_padding_rows_are_sliced_and_different_tokenizers_refused(tokenizer, tin
     vocab = shared_vocab_size(tokenizer, student, teacher.model)
     assert vocab == len(tokenizer)
     batch = build_batch([tokenizer("1 2 =").input_ids], [[5, 6, tokenizer.eos_token_id]], tokenizer.pad_token_id)
-    teacher_logits = teacher.score(batch, vocab)
-    student_logits = completion_logits(student, batch.input_ids_BT, batch.attention_mask_BT, 3, vocab)
-    assert teacher_logits.shape == student_logits.shape == (1, 3, vocab)
+    teacher_logits = teacher.score(batch)
+    student_logits = completion_logits(student, batch.input_ids_BT, batch.attention_mask_BT, 3)
+    assert teacher_logits.shape == (1, 3, vocab + 7) and student_logits.shape == (1, 3, vocab)
+    # padded teacher logits are compared on the shared vocabulary only
+    from opd.divergences import per_token
+
+    sliced = per_token("reverse_kl", student_logits, teacher_logits[..., :vocab].contiguous())
+    torch.testing.assert_close(per_token("reverse_kl", student_logits, teacher_logits, vocab_size=vocab), sliced)
 
     other = Tokenizer(models.WordLevel({"<pad>": 0, "</s>": 1, "a": 2, "b": 3, "<unk>": 4}, unk_token="<unk>"))
     other.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
@@ -186,3 +200,58 @@ def test_metrics_are_json(tmp_path):
     row = json.loads((tmp_path / "metrics.jsonl").read_text())
     assert row["loss/total"] == 0.5 and row["eval/curve"] == [1.0, 0.5] and row["x"] == "nan"
     assert any((tmp_path / "tensorboard").iterdir())
+
+
+def test_saved_datasets_directory(tmp_path, tokenizer):
+    import datasets
+
+    datasets.Dataset.from_list([{"prompt": "1 2 =", "answer": "+ 1 3"}, {"prompt": "3 ="}]).save_to_disk(
+        str(tmp_path / "ds"))
+    examples, report = load_examples(str(tmp_path / "ds"), DataConfig(train="x"), tokenizer)
+    assert report.kept == 2 and examples[0].answer == "+ 1 3" and examples[1].answer is None
+
+
+def test_first_error_survival_curve():
+    from opd.eval import first_error_vs_reference, survival_curve
+
+    assert first_error_vs_reference("p", "+ 1 2 9", "+ 1 2 3") == 3
+    assert first_error_vs_reference("p", "+ 1 2 3", "+ 1 2 3") == 4
+    assert survival_curve([0, 2, 4], 4) == [2 / 3, 2 / 3, 1 / 3, 1 / 3]
+
+
+def test_checkpoint_generation_config_does_not_change_the_behaviour_policy(tokenizer):
+    """Penalties / top_k saved with a checkpoint must not leak into rollouts."""
+    from transformers import GenerationConfig
+
+    model = tiny_llama(len(tokenizer), seed=9)
+    prompts = [tokenizer("1 2 3 =").input_ids, tokenizer("5 5 =").input_ids]
+    params = SamplingParams(max_new_tokens=8, greedy=True)
+    clean = hf_generate(model, prompts, params, tokenizer)
+    model.generation_config = GenerationConfig(repetition_penalty=50.0, no_repeat_ngram_size=1, top_k=1)
+    assert hf_generate(model, prompts, params, tokenizer) == clean
+    assert model.generation_config.repetition_penalty == 50.0  # restored afterwards
+
+
+def test_extra_stop_tokens_from_the_model_are_honoured(tokenizer):
+    from transformers import GenerationConfig
+
+    from opd.rollout import stop_token_ids
+
+    model = tiny_llama(len(tokenizer), seed=10)
+    prompt = [tokenizer("1 2 =").input_ids]
+    params = SamplingParams(max_new_tokens=6, greedy=True)
+    first = hf_generate(model, prompt, params, tokenizer)[0][0]
+    model.generation_config = GenerationConfig(eos_token_id=[tokenizer.eos_token_id, first])
+    assert stop_token_ids(model, tokenizer) == sorted({tokenizer.eos_token_id, first})
+    assert hf_generate(model, prompt, params, tokenizer) == [[first]]
+
+
+def test_pad_equal_to_eos_is_masked_correctly():
+    """With pad == eos the first EOS is a real token (kept in the loss), the padding after it is not."""
+    eos = pad = 2
+    batch = build_batch([[1, 7]], [[5, 6, eos]], pad)
+    batch2 = build_batch([[1, 7], [1, 7, 8]], [[5, 6, eos], [9]], pad)
+    assert batch.completion_mask_BC.tolist() == [[1, 1, 1]]
+    assert batch2.completion_mask_BC.tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert batch2.input_ids_BT[1].tolist()[-3:] == [9, pad, pad]
+    assert truncate_at_eos([5, eos, eos, eos], {eos}) == [5, eos]

@@ -188,3 +188,23 @@ def test_bad_arguments_are_rejected():
         per_token("forward_kl", student, teacher, temperature=0.0)
     with pytest.raises(ValueError, match="shared vocabulary"):
         per_token("forward_kl", student, torch.zeros(1, 1, 3))
+    with pytest.raises(ValueError, match="shared vocabulary"):
+        per_token("forward_kl", student, torch.zeros(1, 1, 3), vocab_size=3)
+
+
+def test_vocab_slicing_gives_padding_columns_zero_gradient():
+    torch.manual_seed(8)
+    student = torch.randn(2, 3, 10, requires_grad=True)
+    teacher = torch.randn(2, 3, 13)
+    values = per_token("jsd", student, teacher, vocab_size=8, beta=0.3)
+    expected = per_token("jsd", student[..., :8].detach(), teacher[..., :8], beta=0.3)
+    torch.testing.assert_close(values, expected)
+    values.sum().backward()
+    assert student.grad[..., 8:].abs().max().item() == 0.0
+
+
+def test_auto_chunk_size():
+    from opd.divergences import auto_chunk_size
+
+    assert auto_chunk_size(151_936) == 110
+    assert auto_chunk_size(10) == (1 << 24) // 10

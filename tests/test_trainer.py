@@ -50,16 +50,32 @@ def test_realised_on_policy_fraction_is_logged_per_sample(tiny_setup, tmp_path):
     assert any(0.0 < f < 1.0 for f in fractions)
 
 
-def test_exact_resume(tiny_setup, tmp_path):
-    common = {"train.steps": 4, "train.save_every": 2, "data.eval": "null", "rollout.on_policy_fraction": 1.0}
+def _interrupt_after(run_dir, step):
+    """What a crash after checkpoint ``step`` leaves: later checkpoints and the final model gone."""
+    import shutil
+
+    for path in (run_dir / "checkpoints").iterdir():
+        if int(path.name.split("-")[1]) > step:
+            shutil.rmtree(path)
+    shutil.rmtree(run_dir / "final")
+    with (run_dir / "metrics.jsonl").open("a") as handle:
+        handle.write('{"step": 99, "loss/tot')  # a line cut short by the crash
+
+
+@pytest.mark.parametrize("recipe", ["gkd", "on_policy_rkl"])
+def test_exact_resume(tiny_setup, tmp_path, recipe):
+    import shutil
+
+    common = {"train.steps": 4, "train.save_every": 2, "data.eval": "null", "optim.warmup_steps": 0,
+              "train.keep_checkpoints": 3}
     straight = tmp_path / "straight"
-    train(load_config("gkd", base_overrides(tiny_setup, straight, **common)), log=lambda *_: None)
+    train(load_config(recipe, base_overrides(tiny_setup, straight, **common)), log=lambda *_: None)
 
     resumed = tmp_path / "resumed"
-    first = base_overrides(tiny_setup, resumed, **{**common, "train.steps": 2})
-    train(load_config("gkd", first), log=lambda *_: None)
-    assert (resumed / "checkpoints" / "step-00000002" / "model.safetensors").exists()
-    train(load_config("gkd", base_overrides(tiny_setup, resumed, **common)), resume=True, log=lambda *_: None)
+    shutil.copytree(straight, resumed)
+    _interrupt_after(resumed, 2)
+    cfg = load_config(recipe, base_overrides(tiny_setup, resumed, **common))
+    train(cfg, resume=True, log=lambda *_: None)
 
     a, b = _weights(straight / "final"), _weights(resumed / "final")
     assert a.keys() == b.keys()
@@ -67,6 +83,31 @@ def test_exact_resume(tiny_setup, tmp_path):
         assert torch.equal(a[key], b[key]), key
     steps = [json.loads(line)["step"] for line in (resumed / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4]
+    before = [json.loads(line) for line in (straight / "metrics.jsonl").read_text().splitlines()]
+    after = [json.loads(line) for line in (resumed / "metrics.jsonl").read_text().splitlines()]
+    assert [r["loss/total"] for r in before] == [r["loss/total"] for r in after]
+
+
+def test_corrupt_checkpoint_gives_one_line_error(tiny_setup, tmp_path, capsys):
+    out = tmp_path / "corrupt"
+    args = ["train", "on_policy_rkl", *base_overrides(tiny_setup, out, **{
+        "train.steps": 2, "train.save_every": 1, "data.eval": "null"})]
+    assert main(args) == 0
+    (out / "checkpoints" / "step-00000002" / "model.safetensors").write_bytes(b"garbage")
+    capsys.readouterr()
+    assert main([*args, "--resume"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("opd: error: cannot resume from") and len(err.splitlines()) == 1
+
+
+def test_failed_start_leaves_the_run_dir_reusable(tiny_setup, tmp_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "1 2 =", "answer": "+ 1 3"}\n{oops\n')
+    out = tmp_path / "run"
+    args = ["train", "supervised_kd", *base_overrides(tiny_setup, out, **{"train.steps": 1, "data.eval": "null"})]
+    assert main([*args, f"data.train={bad}"]) == 2
+    assert not (out / "config.yaml").exists()
+    assert main(args) == 0  # fixed data, same directory
 
 
 def test_keep_last_checkpoints(tiny_setup, tmp_path):

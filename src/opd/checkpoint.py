@@ -5,8 +5,9 @@ Layout of ``RUN/checkpoints/step-00000010/``::
     model.safetensors   student weights (safetensors only)
     optimizer.pt        optimizer state (loaded with ``weights_only=True``)
     scheduler.pt        LR scheduler state (``weights_only=True``)
-    rng.safetensors     torch CPU (and CUDA) generator states
-    state.json          step, data position, python / numpy RNG states
+    rng-rank{R}.safetensors   torch CPU (and CUDA) generator states of process R
+    rng-rank{R}.json          python / numpy RNG states of process R
+    state.json          step, data position
 
 A checkpoint is written into a temporary directory and renamed into place, so a
 crash leaves either the complete previous checkpoint or the complete new one.
@@ -18,6 +19,7 @@ import json
 import os
 import random
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -49,9 +51,9 @@ def _fsync_tree(path: Path) -> None:
     _fsync_dir(path)
 
 
-def atomic_dir(final: Path) -> Path:
+def atomic_dir(final: Path, tag: str | None = None) -> Path:
     """A fresh temporary sibling of ``final``; pass it to :func:`commit_dir` when filled."""
-    tmp = final.parent / f".tmp-{final.name}-{os.getpid()}"
+    tmp = final.parent / f".tmp-{final.name}-{tag or os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
@@ -73,9 +75,9 @@ def commit_dir(tmp: Path, final: Path) -> None:
 
 def _rng_state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     tensors = {"torch_cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        for i, state in enumerate(torch.cuda.get_rng_state_all()):
-            tensors[f"torch_cuda_{i}"] = state
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        # Only this process's current device: touching the others would create contexts there.
+        tensors["torch_cuda"] = torch.cuda.get_rng_state()
     py_version, py_state, py_gauss = random.getstate()
     np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
     json_state = {
@@ -87,10 +89,8 @@ def _rng_state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
 
 def _set_rng_state(tensors: dict[str, torch.Tensor], json_state: dict[str, Any]) -> None:
     torch.set_rng_state(tensors["torch_cpu"])
-    if torch.cuda.is_available():
-        states = [tensors[k] for k in sorted(tensors) if k.startswith("torch_cuda_")]
-        if states:
-            torch.cuda.set_rng_state_all(states)
+    if "torch_cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensors["torch_cuda"])
     version, state, gauss = json_state["python"]
     random.setstate((version, tuple(state), gauss))
     name, keys, pos, has_gauss, cached = json_state["numpy"]
@@ -105,22 +105,35 @@ def save_checkpoint(
     scheduler: Any,
     trainer_state: dict[str, Any],
     keep: int,
+    *,
+    rank: int = 0,
+    barrier: Callable[[], None] = lambda: None,
 ) -> Path:
-    """Write checkpoint ``step`` atomically and prune to the newest ``keep``."""
+    """Write checkpoint ``step`` atomically and prune to the newest ``keep``.
+
+    Called by every process: each writes its own RNG states, process 0 writes the
+    rest and renames the directory into place once all have written.
+    """
     root = run_dir / "checkpoints"
-    root.mkdir(parents=True, exist_ok=True)
     final = root / f"{_PREFIX}{step:08d}"
-    tmp = atomic_dir(final)
-    save_model(model, str(tmp / "model.safetensors"))
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-    torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+    tmp = final.parent / f".tmp-{final.name}-writing"
+    if rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        atomic_dir(final, tag="writing")
+    barrier()
     rng_tensors, rng_json = _rng_state()
-    save_file(rng_tensors, str(tmp / "rng.safetensors"))
-    state = {"step": step, **trainer_state, "rng": rng_json}
-    (tmp / "state.json").write_text(json.dumps(state))
-    commit_dir(tmp, final)
-    for old in list_checkpoints(run_dir)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+    save_file(rng_tensors, str(tmp / f"rng-rank{rank}.safetensors"))
+    (tmp / f"rng-rank{rank}.json").write_text(json.dumps(rng_json))
+    barrier()
+    if rank == 0:
+        save_model(model, str(tmp / "model.safetensors"))
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        (tmp / "state.json").write_text(json.dumps({"step": step, **trainer_state}))
+        commit_dir(tmp, final)
+        for old in list_checkpoints(run_dir)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    barrier()
     return final
 
 
@@ -133,22 +146,38 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
 
 
 def load_checkpoint(
-    path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any
+    path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, *, rank: int = 0
 ) -> dict[str, Any]:
-    """Restore weights, optimizer, scheduler and RNG; returns the trainer state (step, data position)."""
+    """Restore weights, optimizer, scheduler and this process's RNG; returns step and data position."""
     try:
         state = json.loads((path / "state.json").read_text())
         missing, unexpected = load_model(model, str(path / "model.safetensors"), strict=False)
-        if unexpected or [k for k in missing if not _is_tied(model, k)]:
-            raise RunDirError(f"checkpoint {path} does not match the student model (missing {missing[:3]})")
+        untied_missing = [k for k in missing if not _is_tied_alias(model, k, set(missing))]
+        if unexpected or untied_missing:
+            raise RunDirError(
+                f"checkpoint {path} does not match the student model "
+                f"(missing {untied_missing[:3]}, unexpected {unexpected[:3]})"
+            )
         optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
         scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
-        _set_rng_state(load_file(str(path / "rng.safetensors")), state.pop("rng"))
-    except (OSError, ValueError, KeyError, RuntimeError) as exc:
-        raise RunDirError(f"cannot resume from {path}: {str(exc).splitlines()[0]}") from None
+        rng_file = path / f"rng-rank{rank}.safetensors"
+        if not rng_file.exists():
+            raise RunDirError(f"checkpoint {path} has no RNG state for process {rank}; "
+                              "resume with the same number of processes")
+        _set_rng_state(load_file(str(rng_file)), json.loads((path / f"rng-rank{rank}.json").read_text()))
+    except RunDirError:
+        raise
+    except Exception as exc:  # corrupt files raise many unrelated types (SafetensorError, UnpicklingError, ...)
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise RunDirError(f"cannot resume from {path}: {first}") from None
     return state
 
 
-def _is_tied(model: torch.nn.Module, key: str) -> bool:
-    # save_model drops one name of each tied pair; loading leaves it "missing" but filled.
-    return "lm_head" in key or "embed" in key
+def _is_tied_alias(model: torch.nn.Module, key: str, missing: set[str]) -> bool:
+    """save_model stores one name per shared tensor; a missing key is fine only if it
+    shares storage with a key that was loaded."""
+    state = model.state_dict()
+    if key not in state:
+        return False
+    pointer = state[key].data_ptr()
+    return any(other not in missing and tensor.data_ptr() == pointer for other, tensor in state.items())

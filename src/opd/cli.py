@@ -14,6 +14,13 @@ from pathlib import Path
 from typing import Any
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports usage errors in opd's one-line format (exit code 2)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"opd: error: {message} (see `{self.prog} --help`)\n")
+
+
 def _add_debug(parser: argparse.ArgumentParser, top: bool = False) -> None:
     # Sub-commands must not reset a --debug given before the command name.
     default = False if top else argparse.SUPPRESS
@@ -21,12 +28,12 @@ def _add_debug(parser: argparse.ArgumentParser, top: bool = False) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="opd", description="On-policy distillation of language models.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     _add_debug(parser, top=True)
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
     p_train = sub.add_parser(
         "train", help="train a student with a recipe or YAML config",
@@ -105,13 +112,16 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         raise ConfigError(f"--temperature must be > 0 (got {args.temperature})")
     if args.max_new_tokens < 1:
         raise ConfigError(f"--max-new-tokens must be >= 1 (got {args.max_new_tokens})")
+    if args.limit is not None and args.limit < 1:
+        raise ConfigError(f"--limit must be >= 1 (got {args.limit})")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     tokenizer = load_tokenizer(args.student)
-    student = load_causal_lm(args.student)
+    student = load_causal_lm(args.student).to(device)
     teacher = None
     if args.teacher:
         teacher_tok = load_tokenizer(args.teacher)
         check_same_tokenizer(tokenizer, teacher_tok)
-        teacher = LocalTeacher(load_causal_lm(args.teacher), teacher_tok, name=args.teacher)
+        teacher = LocalTeacher(load_causal_lm(args.teacher, dtype="auto").to(device), teacher_tok, name=args.teacher)
     vocab = shared_vocab_size(tokenizer, student, *([teacher.model] if teacher else []))
     examples, _ = load_examples(args.data, DataConfig(train=args.data), tokenizer, limit=args.limit, need_answers=True)
     torch.manual_seed(0)

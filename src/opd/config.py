@@ -43,7 +43,9 @@ class TeacherConfig(_Section):
     )
     model: str | None = Field(None, description="Teacher model directory or hub id (required for `local`).")
     tokenizer: str | None = Field(None, description="Teacher tokenizer; defaults to `model`.")
-    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Teacher weight dtype.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Teacher weight dtype; `auto` keeps the checkpoint's own dtype."
+    )
     trust_remote_code: bool = Field(False, description="Allow model code from the hub (off by default).")
 
 
@@ -92,7 +94,9 @@ class LossConfig(_Section):
     )
     beta: float = Field(0.5, ge=0.0, le=1.0, description="JSD(beta) interpolation: 0 = forward KL, 1 = reverse KL.")
     alpha: float = Field(0.1, ge=0.0, le=1.0, description="Skew of the DistiLLM skew KLs.")
-    chunk_size: int = Field(1024, ge=1, description="Positions per chunk in the divergence (bounds fp32 workspace).")
+    chunk_size: int | None = Field(
+        None, ge=1, description="Positions per chunk in the loss (null: sized so one fp32 [chunk, V] tensor is ~64 MB)."
+    )
 
 
 class OptimConfig(_Section):
@@ -124,6 +128,9 @@ class TrainConfig(_Section):
     save_every: int = Field(0, ge=0, description="Checkpoint every N steps (0 = only the final model).")
     keep_checkpoints: int = Field(2, ge=1, description="Keep only the newest N checkpoints.")
     threads: int | None = Field(None, ge=1, description="torch CPU threads (null = torch default).")
+    max_nonfinite_steps: int = Field(
+        5, ge=1, description="Steps with NaN/inf loss or gradient are skipped; stop after this many in a row."
+    )
     progress: bool = Field(True, description="Show a progress bar.")
     tensorboard: bool = Field(True, description="Also write TensorBoard event files.")
 

@@ -39,7 +39,7 @@ class LoadReport:
     truncated: int = 0
 
 
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+def _read_jsonl(path: Path) -> list[tuple[str, dict[str, Any]]]:
     rows = []
     try:
         with path.open("rb") as handle:
@@ -56,13 +56,18 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
                     raise DataError(f"{path}:{lineno}: malformed JSON ({exc.msg} at column {exc.colno})") from None
                 if not isinstance(row, dict):
                     raise DataError(f"{path}:{lineno}: each line must be a JSON object, got {type(row).__name__}")
-                rows.append(row)
+                rows.append((f"{path}:{lineno}", row))
     except OSError as exc:
         raise DataError(f"cannot read {path}: {exc.strerror}") from None
     return rows
 
 
-def _read_rows(source: str, split: str) -> list[dict[str, Any]]:
+def _numbered(source: str, rows: list[dict[str, Any]]) -> list[tuple[str, dict[str, Any]]]:
+    return [(f"{source}: row {i}", row) for i, row in enumerate(rows, start=1)]
+
+
+def _read_rows(source: str, split: str) -> list[tuple[str, dict[str, Any]]]:
+    """Rows with a location string (``file:line`` for JSONL, ``source: row N`` otherwise)."""
     path = Path(source)
     if path.is_file():
         suffix = path.suffix.lower()
@@ -71,16 +76,18 @@ def _read_rows(source: str, split: str) -> list[dict[str, Any]]:
         if suffix == ".json":
             try:
                 data = json.loads(path.read_text(encoding="utf-8"))
-            except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-                raise DataError(f"{path}: not valid JSON ({exc})") from None
+            except UnicodeDecodeError:
+                raise DataError(f"{path}: file is not valid UTF-8") from None
+            except json.JSONDecodeError:
+                return _read_jsonl(path)  # JSON Lines saved as .json (e.g. datasets' to_json)
             if isinstance(data, list) and all(isinstance(r, dict) for r in data):
-                return data
-            return _read_jsonl(path)
+                return _numbered(str(path), data)
+            raise DataError(f"{path}: a .json file must hold a list of objects or JSON Lines")
         if suffix == ".parquet":
             import pyarrow.parquet as pq
 
             try:
-                return pq.read_table(path).to_pylist()
+                return _numbered(str(path), pq.read_table(path).to_pylist())
             except Exception as exc:  # pyarrow raises several unrelated types
                 raise DataError(f"{path}: cannot read Parquet ({exc})") from None
         raise DataError(f"{path}: unsupported file type {suffix!r}; use .jsonl, .json or .parquet")
@@ -95,28 +102,36 @@ def _read_rows(source: str, split: str) -> list[dict[str, Any]]:
             if split not in ds:
                 raise DataError(f"{path}: no split {split!r}; available: {', '.join(ds)}")
             ds = ds[split]
-        return ds.to_list()
+        return _numbered(str(path), ds.to_list())
     if source.endswith((".jsonl", ".json", ".parquet", ".ndjson")) or "/" not in source:
         raise DataError(f"data file {source} does not exist")
     import datasets
 
     try:
-        return datasets.load_dataset(source, split=split).to_list()
+        return _numbered(source, datasets.load_dataset(source, split=split).to_list())
     except Exception as exc:
         raise DataError(f"cannot load dataset {source!r} split {split!r}: {str(exc).splitlines()[0]}") from None
 
 
-def render_prompt(row: dict[str, Any], cfg: DataConfig, tokenizer: Any, where: str) -> str:
-    """The prompt text the model sees: the plain prompt, or chat messages through the template."""
+def render_prompt(row: dict[str, Any], cfg: DataConfig, tokenizer: Any, where: str) -> tuple[str, str | None]:
+    """The prompt text the model sees, and the answer taken from a trailing assistant turn.
+
+    Chat ``messages`` go through the tokenizer's chat template with a generation prompt;
+    a final assistant message is the reference answer, not part of the prompt.
+    """
     if cfg.messages_field in row and row[cfg.messages_field] is not None:
         messages = row[cfg.messages_field]
         if not isinstance(messages, list) or not all(isinstance(m, dict) and "role" in m for m in messages):
             raise DataError(f"{where}: `{cfg.messages_field}` must be a list of {{role, content}} objects")
+        answer = None
+        if messages and messages[-1]["role"] == "assistant":
+            answer = str(messages[-1].get("content") or "") or None
+            messages = messages[:-1]
         if not messages:
-            raise DataError(f"{where}: `{cfg.messages_field}` is empty")
+            raise DataError(f"{where}: `{cfg.messages_field}` has no prompt turn")
         if getattr(tokenizer, "chat_template", None) is None:
             raise DataError(f"{where}: chat `messages` given but the tokenizer has no chat template")
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True), answer
     if cfg.prompt_field not in row:
         raise DataError(f"{where}: missing field `{cfg.prompt_field}` (or `{cfg.messages_field}`)")
     prompt = row[cfg.prompt_field]
@@ -124,7 +139,7 @@ def render_prompt(row: dict[str, Any], cfg: DataConfig, tokenizer: Any, where: s
         raise DataError(f"{where}: `{cfg.prompt_field}` must be a string, got {type(prompt).__name__}")
     if not prompt.strip():
         raise DataError(f"{where}: `{cfg.prompt_field}` is empty")
-    return prompt
+    return prompt, None
 
 
 def load_examples(
@@ -138,9 +153,8 @@ def load_examples(
         raise DataError(f"{source}: the dataset is empty")
     report = LoadReport(rows=len(rows))
     examples: list[Example] = []
-    for index, row in enumerate(rows, start=1):
-        where = f"{source}: row {index}"
-        prompt = render_prompt(row, cfg, tokenizer, where)
+    for where, row in rows:
+        prompt, chat_answer = render_prompt(row, cfg, tokenizer, where)
         has_template_bos = cfg.messages_field in row and row[cfg.messages_field] is not None
         prompt_ids = tokenizer(prompt, add_special_tokens=not has_template_bos).input_ids
         if len(prompt_ids) > cfg.max_prompt_tokens:
@@ -150,6 +164,8 @@ def load_examples(
             prompt_ids = prompt_ids[-cfg.max_prompt_tokens :]
             report.truncated += 1
         answer = row.get(cfg.answer_field)
+        if answer is None:
+            answer = chat_answer
         if answer is not None and not isinstance(answer, str):
             answer = str(answer)
         if need_answers and not answer:

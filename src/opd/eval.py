@@ -114,16 +114,18 @@ def evaluate(
                 max_words = max(max_words, len((example.answer or text).split()))
             if teacher is not None and not greedy and vocab_size is not None:
                 batch = build_batch([e.prompt_ids for e in chunk], outs, tokenizer.pad_token_id)
+                device = next(student.parameters()).device
                 student_logits = completion_logits(
-                    student, batch.input_ids_BT, batch.attention_mask_BT, batch.completion_len, vocab_size
+                    student, batch.input_ids_BT.to(device), batch.attention_mask_BT.to(device), batch.completion_len
                 )
-                teacher_logits = teacher.score(batch, vocab_size)
+                teacher_logits = teacher.score(batch).to(device)
                 values = divergences.per_token(
                     divergence_kind,
                     student_logits,
                     teacher_logits,
-                    batch.completion_mask_BC.bool(),
+                    batch.completion_mask_BC.bool().to(device),
                     temperature=params.temperature,
+                    vocab_size=vocab_size,
                 )
                 div_sum += float(values.sum())
                 div_tokens += float(batch.completion_mask_BC.sum())

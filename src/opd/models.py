@@ -9,7 +9,8 @@ import torch
 
 from opd.errors import ModelError
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES: dict[str, Any] = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16,
+                          "float16": torch.float16}
 
 
 def _looks_local(name: str) -> bool:
@@ -73,14 +74,15 @@ def completion_logits(
     input_ids_BT: torch.Tensor,
     attention_mask_BT: torch.Tensor,
     completion_len: int,
-    vocab_size: int,
 ) -> torch.Tensor:
-    """Logits predicting the last ``completion_len`` tokens: ``[B, completion_len, vocab_size]``.
+    """Logits predicting the last ``completion_len`` tokens: ``[B, completion_len, V_model]``.
 
     Sequences are prompt (left-padded) + completion (right-padded), so the positions
     that predict completion tokens are the last ``completion_len`` of the input without
     its final token; ``logits_to_keep`` makes the LM head skip the prompt. Position ids
     come from the attention mask, as in ``generate``, so left padding does not shift them.
+    The vocabulary is not sliced here (that would copy the logits); losses take a
+    ``vocab_size`` and slice chunk by chunk.
     """
     inputs_BT = input_ids_BT[:, :-1]
     mask_BT = attention_mask_BT[:, :-1]
@@ -92,7 +94,4 @@ def completion_logits(
         logits_to_keep=completion_len,
         use_cache=False,
     )
-    logits = out.logits
-    if logits.shape[-1] != vocab_size:
-        logits = logits[..., :vocab_size]
-    return logits
+    return out.logits

@@ -29,7 +29,8 @@ def token_divergence(
     beta: float = 0.5,
     alpha: float = 0.1,
     temperature: float = 1.0,
-    chunk_size: int = divergences.DEFAULT_CHUNK_SIZE,
+    chunk_size: int | None = None,
+    vocab_size: int | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Token-level distillation: sum over positions of D(p_T(.|y<t) || p_S(.|y<t)) / num_tokens.
 
@@ -46,6 +47,7 @@ def token_divergence(
         alpha=alpha,
         temperature=temperature,
         chunk_size=chunk_size,
+        vocab_size=vocab_size,
     )
     total = values_BC.sum()
     loss = total / _normaliser(num_tokens)
@@ -64,21 +66,23 @@ def sequence_nll(
     *,
     num_tokens: int | float,
     temperature: float = 1.0,
-    chunk_size: int = divergences.DEFAULT_CHUNK_SIZE,
+    chunk_size: int | None = None,
+    vocab_size: int | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Cross-entropy on the given tokens (SeqKD, Kim & Rush 2016, on teacher text).
 
     Computed chunk by chunk over valid positions so no full fp32 ``[B, C, V]``
     log-softmax is materialised.
     """
-    vocab = student_logits_BCV.shape[-1]
-    logits_NV = student_logits_BCV.reshape(-1, vocab)
+    vocab = vocab_size or student_logits_BCV.shape[-1]
+    chunk_size = chunk_size or divergences.auto_chunk_size(vocab)
+    logits_NV = student_logits_BCV.reshape(-1, student_logits_BCV.shape[-1])
     targets_N = target_ids_BC.reshape(-1)
     rows = mask_BC.reshape(-1).bool().nonzero().squeeze(-1)
     total = logits_NV.new_zeros((), dtype=torch.promote_types(logits_NV.dtype, torch.float32))
     for start in range(0, rows.numel(), chunk_size):
         idx = rows[start : start + chunk_size]
-        chunk = logits_NV.index_select(0, idx).to(total.dtype) / temperature
+        chunk = logits_NV[idx, :vocab].to(total.dtype) / temperature
         total = total + torch.nn.functional.cross_entropy(chunk, targets_N.index_select(0, idx), reduction="sum")
     if rows.numel() == 0:
         # Keep the graph connected so backward works and yields zero gradients.

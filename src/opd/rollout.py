@@ -108,6 +108,18 @@ class _RestrictVocab:
         return scores
 
 
+def stop_token_ids(model: torch.nn.Module, tokenizer: Any) -> list[int]:
+    """End-of-sequence ids: the tokenizer's EOS plus any the model's generation config lists
+    (e.g. Llama-3's ``<|eot_id|>``), so generation stops and masking cuts at each of them."""
+    ids = {tokenizer.eos_token_id}
+    model_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if isinstance(model_eos, int):
+        ids.add(model_eos)
+    elif isinstance(model_eos, (list, tuple)):
+        ids.update(int(i) for i in model_eos)
+    return sorted(i for i in ids if i is not None)
+
+
 @torch.no_grad()
 def hf_generate(
     model: torch.nn.Module, prompts: list[list[int]], params: SamplingParams, tokenizer: Any
@@ -118,7 +130,7 @@ def hf_generate(
     if not prompts:
         return []
     pad_id = tokenizer.pad_token_id
-    eos_id = tokenizer.eos_token_id
+    eos_ids = stop_token_ids(model, tokenizer)
     width = max(len(p) for p in prompts)
     device = next(model.parameters()).device
     input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
@@ -126,15 +138,16 @@ def hf_generate(
     for i, prompt in enumerate(prompts):
         input_ids[i, width - len(prompt) :] = torch.tensor(prompt, dtype=torch.long)
         attention[i, width - len(prompt) :] = 1
-    # Build the generation config explicitly: a checkpoint's generation_config.json
-    # (e.g. top_k=50, repetition penalties) must not silently change the behaviour policy.
+    # The behaviour policy must be exactly softmax(logits / T) (optionally top-p / top-k
+    # filtered): a checkpoint's generation_config.json (top_k=50, repetition penalties,
+    # min_p, ...) would otherwise fill every field left unset, so it is swapped out below.
     gen_config = GenerationConfig(
         max_new_tokens=params.max_new_tokens,
         do_sample=not params.greedy,
         temperature=params.temperature if not params.greedy else None,
         top_p=params.top_p if not params.greedy else None,
         top_k=params.top_k if not params.greedy else None,
-        eos_token_id=eos_id,
+        eos_token_id=eos_ids,
         pad_token_id=pad_id,
         bos_token_id=tokenizer.bos_token_id,
     )
@@ -142,16 +155,19 @@ def hf_generate(
     if params.vocab_size is not None:
         processors.append(_RestrictVocab(params.vocab_size))
     was_training = model.training
+    saved_config = getattr(model, "generation_config", None)
     model.eval()
     try:
+        model.generation_config = gen_config
         out = model.generate(
             input_ids=input_ids.to(device), attention_mask=attention.to(device), generation_config=gen_config,
             logits_processor=processors,
         )
     finally:
+        model.generation_config = saved_config
         model.train(was_training)
     generated = out[:, width:].tolist()
-    return [truncate_at_eos(seq, {eos_id}) for seq in generated]
+    return [truncate_at_eos(seq, set(eos_ids)) for seq in generated]
 
 
 class BehaviourPolicy:
@@ -192,13 +208,15 @@ class BehaviourPolicy:
             timings["perf/generate_teacher_s"] = time.perf_counter() - start
             for i, seq in zip(off_idx, outs):
                 completions[i] = seq
-        elif off_idx:
+        truncated_refs = 0
+        if off_idx and self.cfg.off_policy_source == "dataset":
             for i in off_idx:
                 if examples[i].answer_ids is None:
                     raise DataError(
                         f"prompt {examples[i].prompt[:40]!r} has no reference answer, which "
                         "rollout.off_policy_source=dataset needs; add answers or use on_policy_fraction=1"
                     )
+                truncated_refs += len(examples[i].answer_ids) > self.cfg.max_new_tokens
                 completions[i] = examples[i].answer_ids[: self.cfg.max_new_tokens]
 
         batch = build_batch(
@@ -207,12 +225,13 @@ class BehaviourPolicy:
             self.tokenizer.pad_token_id,
             on_policy,
         )
-        eos = self.tokenizer.eos_token_id
-        ended = [bool(c) and c[-1] == eos for c in completions]
+        stops = set(stop_token_ids(student, self.tokenizer))
+        ended = [bool(c) and c[-1] in stops for c in completions]
         metrics = {
             "rollout/on_policy_fraction": sum(on_policy) / len(on_policy),
             "rollout/completion_tokens_mean": batch.num_tokens / len(examples),
             "rollout/eos_fraction": sum(ended) / len(ended),
+            "rollout/truncated_references": float(truncated_refs),
             **timings,
         }
         return batch, metrics

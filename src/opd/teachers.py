@@ -48,6 +48,7 @@ class LocalTeacher:
         self.model = model
         self.tokenizer = tokenizer
         self.name = name
+        self.chat_template = getattr(tokenizer, "chat_template", None)
         self.model.eval()
         self.model.requires_grad_(False)
 
@@ -61,14 +62,11 @@ class LocalTeacher:
         return cls(model, tokenizer, name=cfg.model)
 
     @torch.no_grad()
-    def score(self, batch: SequenceBatch, vocab_size: int) -> torch.Tensor:
+    def score(self, batch: SequenceBatch) -> torch.Tensor:
+        """Teacher logits ``[B, C, V_teacher]`` at the positions predicting the completion."""
         device = next(self.model.parameters()).device
         return completion_logits(
-            self.model,
-            batch.input_ids_BT.to(device),
-            batch.attention_mask_BT.to(device),
-            batch.completion_len,
-            vocab_size,
+            self.model, batch.input_ids_BT.to(device), batch.attention_mask_BT.to(device), batch.completion_len
         )
 
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[list[int]]:

@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,9 +43,12 @@ from opd.objectives import sequence_nll, token_divergence
 from opd.rollout import BehaviourPolicy, SamplingParams
 from opd.teachers import LocalTeacher
 
-# Keys that may change between a run and its resume without breaking exactness.
-_RESUMABLE_CHANGES = {"train.steps", "train.progress", "train.tensorboard", "train.eval_every", "train.save_every",
-                      "train.keep_checkpoints", "train.log_every", "train.threads"}
+# Keys that may change between a run and its resume without breaking exactness
+# (train.steps may too, with a warning: the LR schedule stretches to the new length).
+_RESUMABLE_CHANGES = {
+    "train.steps", "train.output_dir", "train.progress", "train.tensorboard", "train.eval_every",
+    "train.save_every", "train.keep_checkpoints", "train.log_every", "train.threads",
+}
 
 
 @dataclass
@@ -86,8 +90,12 @@ def _flatten(prefix: str, data: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def prepare_run_dir(config: RunConfig, resume: bool) -> Path:
-    """Create the run directory, or check that it holds this same run when resuming."""
+def check_run_dir(config: RunConfig, resume: bool) -> Path:
+    """Refuse a directory that holds another run (or a different config when resuming).
+
+    Nothing is written here; :func:`write_run_config` records the config only once the
+    models and data have loaded, so a failed start leaves no half-made run behind.
+    """
     run_dir = Path(config.train.output_dir)
     saved = run_dir / "config.yaml"
     if saved.exists():
@@ -104,13 +112,19 @@ def prepare_run_dir(config: RunConfig, resume: bool) -> Path:
                 f"{run_dir} holds a run with a different config ({', '.join(changed[:4])}); "
                 "resume with the same config or use a new train.output_dir"
             )
+        if old.get("train.steps") != new.get("train.steps"):
+            warnings.warn("train.steps changed on resume: the LR schedule is recomputed for the new length",
+                          stacklevel=2)
     elif resume and run_dir.exists() and any(run_dir.iterdir()):
         raise RunDirError(f"{run_dir} has no config.yaml, so there is no opd run to resume there")
+    return run_dir
+
+
+def write_run_config(run_dir: Path, config: RunConfig) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
     tmp = run_dir / ".config.yaml.tmp"
     tmp.write_text(dump_config(config))
-    tmp.replace(saved)
-    return run_dir
+    tmp.replace(run_dir / "config.yaml")
 
 
 class ExampleStream:
@@ -158,9 +172,10 @@ def train(config: RunConfig, *, resume: bool = False, log: Any = print) -> Train
         torch.set_num_threads(config.train.threads)
     accelerator = Accelerator()
     is_main = accelerator.is_main_process
-    run_dir = prepare_run_dir(config, resume) if is_main else Path(config.train.output_dir)
-    accelerator.wait_for_everyone()
-    set_seed(config.train.seed)
+    run_dir = check_run_dir(config, resume)
+    # Each process gets its own sampling stream (data order is seeded separately, and
+    # weights come from from_pretrained, so nothing else depends on this seed).
+    set_seed(config.train.seed + accelerator.process_index)
 
     # --- models and data -------------------------------------------------------
     tokenizer = load_tokenizer(config.model.tokenizer or config.model.student,
@@ -179,10 +194,26 @@ def train(config: RunConfig, *, resume: bool = False, log: Any = print) -> Train
         log(f"data: {report.kept} prompts from {config.data.train} "
             f"({report.skipped_overlong} over-long skipped, {report.truncated} truncated)")
 
+    if teacher is not None and teacher.chat_template != getattr(tokenizer, "chat_template", None) and is_main:
+        warnings.warn("teacher and student chat templates differ; the teacher scores the student's template "
+                      "(same token ids). Re-rendering prompts per teacher comes with served teachers.", stacklevel=2)
+    if (config.rollout.top_p < 1.0 or config.rollout.top_k > 0) and is_main:
+        warnings.warn("rollout.top_p / top_k filter the student's samples, but the token-level loss compares "
+                      "the full temperature-scaled distributions", stacklevel=2)
+    max_positions = getattr(student.config, "max_position_embeddings", None)
+    longest = max(len(e.prompt_ids) for e in train_examples) + config.rollout.max_new_tokens
+    if max_positions and longest > max_positions:
+        raise OpdError(f"longest prompt + rollout.max_new_tokens = {longest} tokens exceeds the student's "
+                       f"{max_positions} positions; lower data.max_prompt_tokens or rollout.max_new_tokens")
+    if is_main:
+        write_run_config(run_dir, config)
+    accelerator.wait_for_everyone()
+
     student.to(accelerator.device)
     if teacher is not None:
         teacher.model.to(accelerator.device)
-    student.train()
+    # Dropout stays off: the policy that is scored must be the one that sampled the tokens.
+    student.eval()
     optimizer = torch.optim.AdamW(student.parameters(), lr=config.optim.lr, betas=config.optim.betas,
                                   eps=config.optim.eps, weight_decay=config.optim.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda_factory(config.optim, config.train.steps))
@@ -192,19 +223,20 @@ def train(config: RunConfig, *, resume: bool = False, log: Any = print) -> Train
     policy = BehaviourPolicy(config.rollout, config.temperature, tokenizer, teacher, vocab_size)
     scorer = resolve_scorer(config.eval.scorer)
     first_error = resolve_first_error(config.eval.first_error)
-    metrics_log = MetricsLogger(run_dir, tensorboard=config.train.tensorboard, enabled=is_main)
-
     start_step = 0
     if resume:
         found = ckpt.list_checkpoints(run_dir)
         if found:
-            state = ckpt.load_checkpoint(found[-1], accelerator.unwrap_model(model), optimizer, scheduler)
+            state = ckpt.load_checkpoint(found[-1], accelerator.unwrap_model(model), optimizer, scheduler,
+                                         rank=accelerator.process_index)
             start_step, stream.position = state["step"], state["data_position"]
-            metrics_log.truncate_after(start_step)
             if is_main:
                 log(f"resumed from {found[-1]} at step {start_step}")
         elif is_main:
             log(f"no checkpoint in {run_dir}; starting from step 0")
+    metrics_log = MetricsLogger(run_dir, tensorboard=config.train.tensorboard, enabled=is_main,
+                                resume_step=start_step if resume else None)
+    cuda_devices = [accelerator.device.index or 0] if accelerator.device.type == "cuda" else []
 
     def run_eval(step: int) -> dict[str, Any]:
         if not eval_examples:
@@ -214,7 +246,7 @@ def train(config: RunConfig, *, resume: bool = False, log: Any = print) -> Train
             temperature=config.temperature, top_p=config.rollout.top_p, top_k=config.rollout.top_k,
             vocab_size=vocab_size,
         )
-        with torch.random.fork_rng(devices=[]):
+        with torch.random.fork_rng(devices=cuda_devices):
             torch.manual_seed(config.train.seed + 7919)
             results = evaluate(accelerator.unwrap_model(model), tokenizer, eval_examples, params, scorer=scorer,
                                first_error=first_error, teacher=teacher, vocab_size=vocab_size,
@@ -229,6 +261,7 @@ def train(config: RunConfig, *, resume: bool = False, log: Any = print) -> Train
     loop_start = time.perf_counter()
     last_eval: dict[str, Any] = {}
     nonfinite_in_a_row = 0
+    skipped_total = 0
     for step in range(start_step + 1, config.train.steps + 1):
         step_start = time.perf_counter()
         unwrapped = accelerator.unwrap_model(model)
@@ -253,19 +286,20 @@ def train(config: RunConfig, *, resume: bool = False, log: Any = print) -> Train
                 mask = batch.completion_mask_BC.to(accelerator.device)
                 teacher_logits = None
                 if config.loss.objective == "divergence":
-                    teacher_logits = teacher.score(batch, vocab_size)
+                    teacher_logits = teacher.score(batch)
                 t1 = time.perf_counter()
-                student_logits = completion_logits(model, input_ids, attention, batch.completion_len, vocab_size)
+                student_logits = completion_logits(model, input_ids, attention, batch.completion_len)
                 if config.loss.objective == "divergence":
                     loss, loss_metrics = token_divergence(
                         student_logits, teacher_logits, mask, kind=config.loss.divergence, num_tokens=step_tokens,
                         beta=config.loss.beta, alpha=config.loss.alpha, temperature=config.temperature,
-                        chunk_size=config.loss.chunk_size,
+                        chunk_size=config.loss.chunk_size, vocab_size=vocab_size,
                     )
                 else:
                     loss, loss_metrics = sequence_nll(
                         student_logits, batch.completion_ids_BC.to(accelerator.device), mask,
                         num_tokens=step_tokens, temperature=config.temperature, chunk_size=config.loss.chunk_size,
+                        vocab_size=vocab_size,
                     )
                 accelerator.backward(loss * world)
                 teacher_s += t1 - t0
@@ -273,26 +307,26 @@ def train(config: RunConfig, *, resume: bool = False, log: Any = print) -> Train
                 step_loss += float(loss.detach().item())
                 del student_logits, teacher_logits, loss
 
-        if not math.isfinite(step_loss):
+        # Every process sees the same global loss and norm, so all skip or all step.
+        step_loss = float(accelerator.reduce(torch.tensor(step_loss, device=accelerator.device), "sum").item())
+        max_norm = config.optim.max_grad_norm if config.optim.max_grad_norm is not None else math.inf
+        grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), max_norm))
+        lr_used = scheduler.get_last_lr()[0]
+        if not (math.isfinite(step_loss) and math.isfinite(grad_norm)):
             optimizer.zero_grad(set_to_none=True)
             nonfinite_in_a_row += 1
-            if nonfinite_in_a_row >= 5:
-                raise OpdError(f"loss was NaN/inf for {nonfinite_in_a_row} steps in a row (step {step}); "
-                               "lower optim.lr or check the models")
-            metrics_log.log(step, {"train/skipped_nonfinite": 1})
-            scheduler.step()
-            bar.update(1)
-            continue
-        nonfinite_in_a_row = 0
-        grad_norm = None
-        if config.optim.max_grad_norm is not None:
-            grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), config.optim.max_grad_norm))
-        optimizer.step()
+            skipped_total += 1
+            if nonfinite_in_a_row >= config.train.max_nonfinite_steps:
+                raise OpdError(f"loss or gradient was NaN/inf for {nonfinite_in_a_row} steps in a row (step {step});"
+                               " lower optim.lr or check the models")
+        else:
+            nonfinite_in_a_row = 0
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
         scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
 
         step_s = time.perf_counter() - step_start
-        tokens_seen += int(step_tokens)
+        tokens_seen += int(step_tokens)  # global
         tokens_per_s = step_tokens / step_s if step_s > 0 else 0.0
         bar.set_postfix(loss=f"{step_loss:.4f}", tok_s=f"{tokens_per_s:.0f}")
         bar.update(1)
@@ -300,7 +334,8 @@ def train(config: RunConfig, *, resume: bool = False, log: Any = print) -> Train
         if step % config.train.log_every == 0 or step == config.train.steps:
             row: dict[str, Any] = {
                 "loss/total": step_loss,
-                "train/lr": scheduler.get_last_lr()[0],
+                "train/lr": lr_used,
+                "train/skipped_nonfinite_total": skipped_total,
                 "train/completion_tokens": step_tokens,
                 "perf/step_s": step_s,
                 "perf/rollout_s": rollout_s,
@@ -308,19 +343,20 @@ def train(config: RunConfig, *, resume: bool = False, log: Any = print) -> Train
                 "perf/student_s": student_s,
                 "perf/tokens_per_s": tokens_per_s,
             }
-            if grad_norm is not None:
-                row["train/grad_norm"] = grad_norm
-            for key in rollout_metrics[0]:
-                row[key] = sum(m.get(key, 0.0) for m in rollout_metrics) / len(rollout_metrics)
+            row["train/grad_norm"] = grad_norm
+            for key in sorted({k for m in rollout_metrics for k in m}):
+                local = sum(m.get(key, 0.0) for m in rollout_metrics) / len(rollout_metrics)
+                row[key] = float(accelerator.reduce(torch.tensor(local, device=accelerator.device), "mean").item())
             metrics_log.log(step, row)
 
         if config.train.eval_every and step % config.train.eval_every == 0 and step != config.train.steps:
             last_eval = run_eval(step)
             if is_main and last_eval:
                 bar.write(_eval_line(step, last_eval))
-        if config.train.save_every and step % config.train.save_every == 0 and is_main:
+        if config.train.save_every and step % config.train.save_every == 0:
             ckpt.save_checkpoint(run_dir, step, accelerator.unwrap_model(model), optimizer, scheduler,
-                                 {"data_position": stream.position}, config.train.keep_checkpoints)
+                                 {"data_position": stream.position}, config.train.keep_checkpoints,
+                                 rank=accelerator.process_index, barrier=accelerator.wait_for_everyone)
         accelerator.wait_for_everyone()
     bar.close()
 
