@@ -13,7 +13,7 @@ def test_demo_quick_runs_and_writes_json(tmp_path, capsys):
                  "--json", str(out_json), "--threads", "1", "--jobs", "1"])
     assert code == 0
     results = json.loads(out_json.read_text())
-    for name in ("teacher", "student_base", "off_policy", "on_policy", "mixed"):
+    for name in ("teacher", "student_base", "off_policy", "on_policy", "mixed", "on_policy_fkl"):
         assert 0.0 <= results[name]["accuracy"] <= 1.0
         assert 0.0 <= results[name]["accuracy_sampled"] <= 1.0
         assert len(results[name]["accuracy_per_seed"]) == 1

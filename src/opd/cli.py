@@ -73,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     p_demo.add_argument("--steps", type=int, help="distillation steps per method")
     p_demo.add_argument("--seeds", type=int, help="number of seeds")
     p_demo.add_argument("--quick", action="store_true", help="a small version (about a minute)")
-    p_demo.add_argument("--out", type=Path, default=Path("runs/demo"), help="where runs are written")
+    p_demo.add_argument("--out", type=Path, help="where runs are written (default: runs/demo-DATE-TIME)")
     p_demo.add_argument("--json", type=Path, help="write the results table as JSON")
     p_demo.add_argument("--threads", type=int, default=1, help="torch CPU threads per process")
     p_demo.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
@@ -143,9 +143,12 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
+    import time
+
     from opd.demo.run import run_demo
 
-    run_demo(out_dir=args.out, steps=args.steps, seeds=args.seeds, quick=args.quick, json_path=args.json,
+    out = args.out or Path("runs") / time.strftime("demo-%Y%m%d-%H%M%S")
+    run_demo(out_dir=out, steps=args.steps, seeds=args.seeds, quick=args.quick, json_path=args.json,
              threads=args.threads, jobs=args.jobs)
     return 0
 
