@@ -32,7 +32,9 @@ class ModelConfig(_Section):
     student: str = Field(description="Student model: local directory or hub id loadable by AutoModelForCausalLM.")
     tokenizer: str | None = Field(None, description="Student tokenizer; defaults to `student`.")
     dtype: Literal["float32", "bfloat16", "float16"] = Field(
-        "float32", description="Student weight dtype (float32 on CPU; bf16 on GPU)."
+        "float32",
+        description="Student weight dtype. AdamW updates weights in this dtype (no fp32 master copy), "
+        "so keep float32 unless memory forces otherwise.",
     )
     trust_remote_code: bool = Field(False, description="Allow model code from the hub (off by default).")
 
