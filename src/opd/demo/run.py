@@ -169,7 +169,7 @@ def _verdict(results: dict[str, Any]) -> str:
              "sampled.")
     if "on_policy_fkl" in results:
         fkl = results["on_policy_fkl"]
-        text += (f" With forward KL, on-policy samples reach {100 * fkl['accuracy']:.1f}% greedy / "
+        text += (f" On-policy with forward KL: {100 * fkl['accuracy']:.1f}% greedy / "
                  f"{100 * fkl['accuracy_sampled']:.1f}% sampled.")
     return text
 
