@@ -147,3 +147,31 @@ def test_run_dir_holding_a_run_is_refused(tiny_setup, tmp_path, capsys):
     changed = [*args, "loss.divergence=forward_kl", "--resume"]
     assert main(changed) == 2
     assert "different config" in capsys.readouterr().err
+
+
+def test_mismatched_teacher_tokenizer_is_refused_by_the_cli(tiny_setup, tmp_path, capsys):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from conftest import tiny_llama
+
+    core = Tokenizer(models.WordLevel({"<pad>": 0, "<s>": 1, "</s>": 2, "a": 3, "b": 4, "<unk>": 5}, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    other = PreTrainedTokenizerFast(tokenizer_object=core, eos_token="</s>", pad_token="<pad>", bos_token="<s>")
+    teacher_dir = tmp_path / "other_teacher"
+    tiny_llama(len(other)).save_pretrained(teacher_dir)
+    other.save_pretrained(teacher_dir)
+    out = tmp_path / "run"
+    assert main(["train", "on_policy_rkl", *base_overrides(tiny_setup, out), f"teacher.model={teacher_dir}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "tokenizers differ" in err and len(err.splitlines()) == 1
+    assert not (out / "config.yaml").exists()
+
+
+def test_eval_every_n_steps(tiny_setup, tmp_path):
+    out = tmp_path / "evals"
+    train(load_config("on_policy_rkl", base_overrides(tiny_setup, out, **{"train.steps": 4, "train.eval_every": 2})),
+          log=lambda *_: None)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "eval/accuracy" in r] == [2, 4]
+    assert all(0.0 <= r["eval/teacher_divergence"] for r in rows if "eval/accuracy" in r)

@@ -95,27 +95,23 @@ def _log_mixture(a: torch.Tensor, b: torch.Tensor, weight_a: float) -> torch.Ten
     return torch.logaddexp(a + math.log(weight_a), b + math.log1p(-weight_a))
 
 
-def _log_ratio_to_mixture(a: torch.Tensor, b: torch.Tensor, weight_b: float, log_m: torch.Tensor) -> torch.Tensor:
-    """log(P_a / m) for m = (1 - weight_b) P_a + weight_b P_b, without cancellation.
-
-    Equals -log1p(weight_b * expm1(b - a)); that form keeps full precision when m is
-    close to P_a (small weight_b), which is what makes JSD(beta) smooth at the ends.
-    Where b - a is large the direct difference is already exact enough and expm1
-    would overflow, so it is used there.
-    """
-    diff = b - a
-    stable = -torch.log1p(weight_b * torch.expm1(diff.clamp(max=20.0)))
-    return torch.where(diff < 20.0, stable, a - log_m)
-
-
 def _jsd(s: torch.Tensor, t: torch.Tensor, beta: float, alpha: float, grad: bool) -> _Terms:
     if beta <= 0.0:
         return _forward_kl(s, t, beta, alpha, grad)
     if beta >= 1.0:
         return _reverse_kl(s, t, beta, alpha, grad)
-    log_m = _log_mixture(t, s, beta)
-    student_vs_m = _log_ratio_to_mixture(s, t, beta, log_m)  # log q - log m
-    teacher_vs_m = _log_ratio_to_mixture(t, s, 1.0 - beta, log_m)  # log p - log m
+    # With d = log p - log q and m = beta p + (1 - beta) q:
+    #   log q - log m = -log(beta e^d + 1 - beta) = -logaddexp(d + log beta, log(1 - beta)),
+    # one fused, cancellation-free op. The other ratio follows as log p - log m = d + (log q - log m);
+    # evaluating each from the side whose weight is small keeps full precision at both ends of
+    # beta, which is what makes the normalised JSD smooth there.
+    d = t - s
+    if beta <= 0.5:
+        student_vs_m = -torch.logaddexp(d + math.log(beta), d.new_tensor(math.log1p(-beta)))
+        teacher_vs_m = d + student_vs_m
+    else:
+        teacher_vs_m = -torch.logaddexp(math.log1p(-beta) - d, d.new_tensor(math.log(beta)))
+        student_vs_m = teacher_vs_m - d
     q_log_ratio = s.exp() * student_vs_m
     raw = beta * (t.exp() * teacher_vs_m).sum(-1) + (1.0 - beta) * q_log_ratio.sum(-1)
     value = raw / (beta * (1.0 - beta))
