@@ -175,3 +175,29 @@ def test_eval_every_n_steps(tiny_setup, tmp_path):
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "eval/accuracy" in r] == [2, 4]
     assert all(0.0 <= r["eval/teacher_divergence"] for r in rows if "eval/accuracy" in r)
+
+
+def test_nonfinite_steps_are_skipped_then_stop_the_run(tiny_setup, tmp_path, capsys):
+    import torch as _torch
+    from transformers import AutoModelForCausalLM as _Auto
+
+    teacher = _Auto.from_pretrained(tiny_setup / "teacher")
+    with _torch.no_grad():
+        teacher.lm_head.weight.fill_(float("nan"))
+    nan_dir = tmp_path / "nan_teacher"
+    teacher.save_pretrained(nan_dir)
+    import shutil
+
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tiny_setup / "teacher" / name, nan_dir / name)
+    out = tmp_path / "run"
+    args = ["train", "on_policy_rkl", *base_overrides(tiny_setup, out, **{
+        "train.steps": 4, "train.max_nonfinite_steps": 2, "data.eval": "null"}), f"teacher.model={nan_dir}"]
+    capsys.readouterr()
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert "NaN/inf for 2 steps in a row" in err and len(err.splitlines()) == 1
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert rows[0]["train/skipped_nonfinite_total"] == 1
+    assert not (out / "final").exists()
+    assert (out / "config.yaml").exists()  # the run directory is left intact for inspection
