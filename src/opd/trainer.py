@@ -170,7 +170,9 @@ def train(config: RunConfig, *, resume: bool = False, log: Any = print) -> Train
     started = time.perf_counter()
     if config.train.threads:
         torch.set_num_threads(config.train.threads)
-    accelerator = Accelerator()
+    # accelerate only forms a CPU (gloo) process group under torchrun when told it is on CPU.
+    on_cpu = not (torch.cuda.is_available() or torch.backends.mps.is_available())
+    accelerator = Accelerator(cpu=on_cpu)
     is_main = accelerator.is_main_process
     run_dir = check_run_dir(config, resume)
     # Each process gets its own sampling stream (data order is seeded separately, and
