@@ -66,24 +66,31 @@ def auto_chunk_size(vocab_size: int) -> int:
 
 class _Terms(NamedTuple):
     value_N: torch.Tensor
-    weighted_grad_NV: torch.Tensor | None  # q * dD/dq, or None when no gradient is needed
+    weighted_grad_NV: torch.Tensor | None  # q * dD/dq (a buffer the caller may overwrite), or None
+    q_NV: torch.Tensor | None = None  # the student probabilities, when the term already computed them
+
+
+def _row_dot(a_NV: torch.Tensor, b_NV: torch.Tensor) -> torch.Tensor:
+    """sum_v a[n, v] b[n, v] without materialising the product."""
+    return torch.einsum("nv,nv->n", a_NV, b_NV)
 
 
 # Each term function takes student / teacher log-probs [N, V] (fp32) and returns the
-# per-row divergence and, when asked, q * dD/dq.
+# per-row divergence and, when asked, q * dD/dq. It may overwrite ``t`` (the caller no
+# longer needs it) but not ``s``.
 TermFn = Callable[[torch.Tensor, torch.Tensor, float, float, bool], _Terms]
 
 
 def _forward_kl(s: torch.Tensor, t: torch.Tensor, beta: float, alpha: float, grad: bool) -> _Terms:
     p = t.exp()
-    value = (p * (t - s)).sum(-1)
-    return _Terms(value, -p if grad else None)
+    value = _row_dot(p, t.sub_(s))
+    return _Terms(value, p.neg_() if grad else None)
 
 
 def _reverse_kl(s: torch.Tensor, t: torch.Tensor, beta: float, alpha: float, grad: bool) -> _Terms:
     q = s.exp()
-    q_log_ratio = q * (s - t)
-    return _Terms(q_log_ratio.sum(-1), q_log_ratio if grad else None)
+    q_log_ratio = t.sub_(s).neg_().mul_(q)  # q (log q - log p), in t's buffer
+    return _Terms(q_log_ratio.sum(-1), q_log_ratio if grad else None, q)
 
 
 def _log_mixture(a: torch.Tensor, b: torch.Tensor, weight_a: float) -> torch.Tensor:
@@ -166,6 +173,12 @@ def _check_params(kind: str, beta: float, alpha: float, temperature: float) -> N
         raise ValueError(f"temperature must be > 0, got {temperature}")
 
 
+def _log_softmax(logits: torch.Tensor, temperature: float, dtype: torch.dtype) -> torch.Tensor:
+    if temperature == 1.0:
+        return torch.log_softmax(logits, dim=-1, dtype=dtype)  # casts without an extra copy
+    return torch.log_softmax(logits.to(dtype) / temperature, dim=-1)
+
+
 class _ChunkedDivergence(torch.autograd.Function):
     """Per-row divergence over rows ``rows_R`` of flattened logits, chunk by chunk."""
 
@@ -187,19 +200,34 @@ class _ChunkedDivergence(torch.autograd.Function):
         need_grad = ctx.needs_input_grad[0]
         # fp32 workspace (fp64 when the caller passes fp64, e.g. gradient checks).
         work_dtype = torch.promote_types(student_NV.dtype, torch.float32)
-        values_N = torch.zeros(student_NV.shape[0], dtype=work_dtype, device=student_NV.device)
-        grad_NV = torch.zeros_like(student_NV) if need_grad else None
-        for start in range(0, rows_R.numel(), chunk_size):
-            rows = rows_R[start : start + chunk_size]
-            # Slicing to the shared vocabulary per chunk avoids copying whole padded logits.
-            s = torch.log_softmax(student_NV[rows, :vocab_size].to(work_dtype) / temperature, dim=-1)
-            t = torch.log_softmax(teacher_NV[rows, :vocab_size].to(work_dtype) / temperature, dim=-1)
+        n_rows, full_vocab = student_NV.shape
+        values_N = torch.zeros(n_rows, dtype=work_dtype, device=student_NV.device)
+        grad_NV = None
+        if need_grad:
+            covers_all = rows_R.numel() == n_rows and vocab_size == full_vocab
+            grad_NV = torch.empty_like(student_NV) if covers_all else torch.zeros_like(student_NV)
+        row_list = rows_R.tolist()  # chunk bounds on the host: no device sync per chunk
+        for start in range(0, len(row_list), chunk_size):
+            first, last = row_list[start], row_list[min(start + chunk_size, len(row_list)) - 1]
+            count = min(chunk_size, len(row_list) - start)
+            # Unmasked runs are sliced (a view); only masked chunks pay for a gather.
+            if last - first + 1 == count:
+                index: slice | torch.Tensor = slice(first, last + 1)
+            else:
+                index = rows_R[start : start + count]
+            s = _log_softmax(student_NV[index, :vocab_size], temperature, work_dtype)
+            t = _log_softmax(teacher_NV[index, :vocab_size], temperature, work_dtype)
             terms = term_fn(s, t, beta, alpha, need_grad)
-            values_N.index_copy_(0, rows, terms.value_N)
+            values_N[index] = terms.value_N
             if grad_NV is not None:
+                # dD/dz = (q g - q <q, g>) / T, built in place in the term's own buffer.
                 qg = terms.weighted_grad_NV
-                grad_rows = (qg - s.exp() * qg.sum(-1, keepdim=True)) / temperature
-                grad_NV[rows, :vocab_size] = grad_rows.to(grad_NV.dtype)
+                centre = qg.sum(-1, keepdim=True)
+                q = terms.q_NV if terms.q_NV is not None else s.exp_()  # s is not needed any more
+                qg.sub_(q.mul_(centre))
+                if temperature != 1.0:
+                    qg.div_(temperature)
+                grad_NV[index, :vocab_size] = qg.to(grad_NV.dtype)
             del s, t, terms
         # Kept on ctx rather than save_for_backward: backward scales it in place, which the
         # saved-tensor version check would (rightly) reject.
