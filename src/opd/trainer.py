@@ -325,7 +325,10 @@ def train(config: RunConfig, *, resume: bool = False, log: Any = print) -> Train
             nonfinite_in_a_row = 0
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-        scheduler.step()
+        with warnings.catch_warnings():
+            # A skipped step still advances the schedule, so LR stays tied to the step number.
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()`")
+            scheduler.step()
 
         step_s = time.perf_counter() - step_start
         tokens_seen += int(step_tokens)  # global
