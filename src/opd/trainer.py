@@ -327,7 +327,7 @@ def train(config: RunConfig, *, resume: bool = False, log: Any = print) -> Train
             optimizer.zero_grad(set_to_none=True)
         with warnings.catch_warnings():
             # A skipped step still advances the schedule, so LR stays tied to the step number.
-            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()`")
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler")
             scheduler.step()
 
         step_s = time.perf_counter() - step_start
