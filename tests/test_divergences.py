@@ -208,3 +208,26 @@ def test_auto_chunk_size():
 
     assert auto_chunk_size(151_936) == 110
     assert auto_chunk_size(10) == (1 << 24) // 10
+
+
+def test_sampled_token_estimators_match_the_exact_reverse_kl():
+    from opd.divergences import sampled_token
+
+    torch.manual_seed(9)
+    student = torch.randn(3, 12, dtype=torch.float64)
+    teacher = torch.randn(3, 12, dtype=torch.float64)
+    exact = per_token("reverse_kl", student, teacher)
+    log_q, log_p = student.log_softmax(-1), teacher.log_softmax(-1)
+    draws = torch.multinomial(log_q.exp(), 200_000, replacement=True)  # y ~ student
+    s_lp, t_lp = log_q.gather(-1, draws), log_p.gather(-1, draws)
+    for estimator in ("k1", "k3"):  # unbiased
+        estimate = sampled_token(estimator, s_lp, t_lp).mean(-1)
+        torch.testing.assert_close(estimate, exact, rtol=0.03, atol=0.01)
+    assert (sampled_token("k2", s_lp, t_lp) >= 0).all() and (sampled_token("k3", s_lp, t_lp) >= -1e-12).all()
+    # hand-computed: r = log(1/4) - log(1/2) = -ln 2
+    one = torch.tensor([math.log(0.5)]), torch.tensor([math.log(0.25)])
+    assert sampled_token("k1", *one).item() == pytest.approx(math.log(2))
+    assert sampled_token("k2", *one).item() == pytest.approx(0.5 * math.log(2) ** 2)
+    assert sampled_token("k3", *one).item() == pytest.approx(-0.5 + math.log(2))
+    with pytest.raises(ValueError, match="unknown estimator"):
+        sampled_token("k4", *one)

@@ -354,3 +354,32 @@ def per_token_reference(
     if kind == "skew_forward_kl":
         return kl(p, alpha * p + (1 - alpha) * q)
     return kl(q, (1 - alpha) * p + alpha * q)
+
+
+SAMPLED_ESTIMATORS = ("k1", "k2", "k3")
+
+
+def sampled_token(
+    estimator: str, student_logprobs: torch.Tensor, teacher_logprobs: torch.Tensor
+) -> torch.Tensor:
+    """Single-sample estimates of the reverse KL KL(p_S || p_T) from the sampled token only.
+
+    For a token y drawn from the student and ``r = log p_T(y) - log p_S(y)``
+    (J. Schulman, "Approximating KL Divergence", 2020):
+
+    - ``k1 = -r``: unbiased, high variance, can be negative;
+    - ``k2 = r^2 / 2``: biased, low variance, never negative;
+    - ``k3 = (e^r - 1) - r``: unbiased and never negative.
+
+    This is the teacher signal when only the sampled token's log-prob is available
+    (served teachers); ``-k1`` is the per-token advantage of sampled-token OPD.
+    Inputs are log-probs of the sampled tokens, any matching shape; no reduction.
+    """
+    if estimator not in SAMPLED_ESTIMATORS:
+        raise ValueError(f"unknown estimator {estimator!r}; choose one of {', '.join(SAMPLED_ESTIMATORS)}")
+    log_ratio = teacher_logprobs - student_logprobs
+    if estimator == "k1":
+        return -log_ratio
+    if estimator == "k2":
+        return 0.5 * log_ratio.square()
+    return torch.expm1(log_ratio) - log_ratio
