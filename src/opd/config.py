@@ -86,11 +86,16 @@ class RolloutConfig(_Section):
 
 
 class LossConfig(_Section):
-    objective: Literal["divergence", "nll"] = Field(
+    objective: Literal["divergence", "nll", "sampled_token_pg"] = Field(
         "divergence",
         description="`divergence`: token-level f-divergence against the teacher's distributions; "
-        "`nll`: cross-entropy on the behaviour policy's tokens (SeqKD when they come from the teacher).",
+        "`nll`: cross-entropy on the behaviour policy's tokens (SeqKD when they come from the teacher); "
+        "`sampled_token_pg`: policy gradient with the teacher's log-prob of each sampled token as reward.",
     )
+    estimator: Literal["k1", "k2", "k3"] = Field(
+        "k1", description="Single-sample reverse-KL estimator whose negative is the reward (sampled_token_pg)."
+    )
+    gamma: float = Field(0.0, ge=0.0, le=1.0, description="Discount of rewards into returns (sampled_token_pg).")
     divergence: Literal["forward_kl", "reverse_kl", "jsd", "tv", "skew_forward_kl", "skew_reverse_kl"] = Field(
         "reverse_kl", description="Divergence kind for `objective: divergence` (see opd.divergences)."
     )
@@ -170,11 +175,16 @@ class RunConfig(_Section):
 
     @model_validator(mode="after")
     def _check_combinations(self) -> RunConfig:
-        needs_teacher = self.loss.objective == "divergence" or (
+        needs_teacher = self.loss.objective in ("divergence", "sampled_token_pg") or (
             self.rollout.on_policy_fraction < 1.0 and self.rollout.off_policy_source == "teacher"
         )
         if needs_teacher and self.teacher.model is None:
             raise ValueError("teacher.model is required for this recipe (set teacher.model=PATH)")
+        if self.loss.objective == "sampled_token_pg" and self.rollout.on_policy_fraction < 1.0:
+            raise ValueError(
+                "loss.objective=sampled_token_pg is a policy gradient on the student's own samples; "
+                "set rollout.on_policy_fraction=1"
+            )
         if self.loss.objective == "nll" and self.rollout.on_policy_fraction > 0.0:
             raise ValueError(
                 "loss.objective=nll trains on the behaviour policy's own tokens, which is a no-op on "

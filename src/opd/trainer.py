@@ -39,7 +39,7 @@ from opd.errors import OpdError, RunDirError
 from opd.eval import evaluate, resolve_first_error, resolve_scorer
 from opd.metrics import MetricsLogger
 from opd.models import completion_logits, load_causal_lm, load_tokenizer, shared_vocab_size
-from opd.objectives import sequence_nll, token_divergence
+from opd.objectives import sampled_token_pg, sequence_nll, token_divergence, token_logprobs
 from opd.rollout import BehaviourPolicy, SamplingParams
 from opd.teachers import LocalTeacher
 
@@ -287,7 +287,7 @@ def train(config: RunConfig, *, resume: bool = False, log: Any = print) -> Train
                 attention = batch.attention_mask_BT.to(accelerator.device)
                 mask = batch.completion_mask_BC.to(accelerator.device)
                 teacher_logits = None
-                if config.loss.objective == "divergence":
+                if config.loss.objective in ("divergence", "sampled_token_pg"):
                     teacher_logits = teacher.score(batch)
                 t1 = time.perf_counter()
                 student_logits = completion_logits(model, input_ids, attention, batch.completion_len)
@@ -296,6 +296,16 @@ def train(config: RunConfig, *, resume: bool = False, log: Any = print) -> Train
                         student_logits, teacher_logits, mask, kind=config.loss.divergence, num_tokens=step_tokens,
                         beta=config.loss.beta, alpha=config.loss.alpha, temperature=config.temperature,
                         chunk_size=config.loss.chunk_size, vocab_size=vocab_size,
+                    )
+                elif config.loss.objective == "sampled_token_pg":
+                    ids = batch.completion_ids_BC.to(accelerator.device)
+                    with torch.no_grad():
+                        teacher_lp = token_logprobs(teacher_logits.to(accelerator.device), ids,
+                                                    temperature=config.temperature, vocab_size=vocab_size)
+                    loss, loss_metrics = sampled_token_pg(
+                        student_logits, teacher_lp, ids, mask, num_tokens=step_tokens,
+                        estimator=config.loss.estimator, gamma=config.loss.gamma, temperature=config.temperature,
+                        vocab_size=vocab_size, chunk_size=config.loss.chunk_size,
                     )
                 else:
                     loss, loss_metrics = sequence_nll(
