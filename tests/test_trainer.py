@@ -204,3 +204,19 @@ def test_nonfinite_steps_are_skipped_then_stop_the_run(tiny_setup, tmp_path, cap
     assert rows[0]["train/skipped_nonfinite_total"] == 1
     assert not (out / "final").exists()
     assert (out / "config.yaml").exists()  # the run directory is left intact for inspection
+
+
+def test_prefix_opd_schedule_truncates_rollouts(tiny_setup, tmp_path):
+    from opd.trainer import rollout_length
+
+    cfg = load_config("prefix_opd", ["model.student=s", "teacher.model=t", "data.train=d.jsonl",
+                                     "rollout.prefix_tokens=2", "rollout.prefix_tokens_final=5",
+                                     "rollout.max_new_tokens=6"])
+    assert [rollout_length(cfg.rollout, s, 4) for s in (1, 2, 3, 4)] == [2, 3, 4, 5]
+    out = tmp_path / "prefix"
+    train(load_config("prefix_opd", base_overrides(tiny_setup, out, **{
+        "train.steps": 4, "rollout.prefix_tokens": 2, "rollout.prefix_tokens_final": 5, "data.eval": "null"})),
+        log=lambda *_: None)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["rollout/max_new_tokens"] for r in rows] == [2, 3, 4, 5]
+    assert all(r["rollout/completion_tokens_mean"] <= r["rollout/max_new_tokens"] for r in rows)

@@ -83,6 +83,14 @@ class RolloutConfig(_Section):
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling threshold for rollouts.")
     top_k: int = Field(0, ge=0, description="Top-k sampling for rollouts (0 = off).")
     engine: Literal["hf"] = Field("hf", description="Generation engine: `hf` (transformers generate, KV cache).")
+    prefix_tokens: int | None = Field(
+        None, ge=1, description="Prefix OPD (arXiv 2602.15260): stop rollouts after this many tokens at the first "
+        "step, so the loss sees only prefixes (null = full rollouts up to max_new_tokens).",
+    )
+    prefix_tokens_final: int | None = Field(
+        None, ge=1, description="Prefix length reached at the last step, growing linearly from prefix_tokens "
+        "(null = keep prefix_tokens fixed).",
+    )
 
 
 class LossConfig(_Section):
@@ -180,6 +188,8 @@ class RunConfig(_Section):
         )
         if needs_teacher and self.teacher.model is None:
             raise ValueError("teacher.model is required for this recipe (set teacher.model=PATH)")
+        if self.rollout.prefix_tokens_final is not None and self.rollout.prefix_tokens is None:
+            raise ValueError("rollout.prefix_tokens_final needs rollout.prefix_tokens (the starting length)")
         if self.loss.objective == "sampled_token_pg" and self.rollout.on_policy_fraction < 1.0:
             raise ValueError(
                 "loss.objective=sampled_token_pg is a policy gradient on the student's own samples; "

@@ -217,7 +217,7 @@ class BehaviourPolicy:
                         "rollout.off_policy_source=dataset needs; add answers or use on_policy_fraction=1"
                     )
                 truncated_refs += len(examples[i].answer_ids) > self.cfg.max_new_tokens
-                completions[i] = examples[i].answer_ids[: self.cfg.max_new_tokens]
+                completions[i] = examples[i].answer_ids[: self.params.max_new_tokens]  # prefix-aware
 
         batch = build_batch(
             [e.prompt_ids for e in examples],

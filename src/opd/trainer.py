@@ -154,6 +154,18 @@ class ExampleStream:
         return batch
 
 
+def rollout_length(cfg: Any, step: int, total_steps: int) -> int:
+    """Tokens to sample at ``step`` (1-based): the prefix schedule of Prefix OPD
+    (arXiv 2602.15260), linear from ``prefix_tokens`` to ``prefix_tokens_final``, capped by
+    ``max_new_tokens``; plain ``max_new_tokens`` when no prefix is set."""
+    if cfg.prefix_tokens is None:
+        return cfg.max_new_tokens
+    final = cfg.prefix_tokens_final or cfg.prefix_tokens
+    progress = (step - 1) / max(1, total_steps - 1)
+    length = round(cfg.prefix_tokens + progress * (final - cfg.prefix_tokens))
+    return max(1, min(cfg.max_new_tokens, length))
+
+
 def _progress(total: int, initial: int, enabled: bool) -> Any:
     from tqdm.auto import tqdm
 
@@ -267,6 +279,7 @@ def train(config: RunConfig, *, resume: bool = False, log: Any = print) -> Train
     for step in range(start_step + 1, config.train.steps + 1):
         step_start = time.perf_counter()
         unwrapped = accelerator.unwrap_model(model)
+        policy.params.max_new_tokens = rollout_length(config.rollout, step, config.train.steps)
         micro_batches, rollout_metrics = [], []
         for _ in range(config.train.grad_accum):
             batch, metrics = policy.rollout(unwrapped, stream.next(config.train.batch_size))
@@ -352,6 +365,7 @@ def train(config: RunConfig, *, resume: bool = False, log: Any = print) -> Train
                 "train/lr": lr_used,
                 "train/skipped_nonfinite_total": skipped_total,
                 "train/completion_tokens": step_tokens,
+                "rollout/max_new_tokens": policy.params.max_new_tokens,
                 "perf/step_s": step_s,
                 "perf/rollout_s": rollout_s,
                 "perf/teacher_s": teacher_s,
