@@ -161,36 +161,21 @@ def generate_completions(
     temperature: float = 1.0,
     max_new_tokens: int = ANSWER_LEN + 1,
 ) -> list[str]:
-    """Generate a completion for each prompt (left-padded batches, HF ``generate``).
+    """Generate a completion for each prompt with :func:`opd.rollout.hf_generate`.
 
     Completions are decoded with ``skip_special_tokens=True`` (so ``</s>`` and
     padding are dropped).  Sampling uses the global torch RNG; seed it with
     ``torch.manual_seed`` for reproducibility.
     """
-    was_training = model.training
-    model.eval()
-    old_side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
-    sampling = (
-        {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0} if do_sample else {"do_sample": False}
-    )
+    from opd.rollout import SamplingParams, hf_generate
+
+    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, greedy=not do_sample,
+                            vocab_size=len(tokenizer))
     out: list[str] = []
-    try:
-        for i in range(0, len(prompts), batch_size):
-            batch = tokenizer(list(prompts[i : i + batch_size]), return_tensors="pt", padding=True)
-            generated = model.generate(
-                input_ids=batch.input_ids,
-                attention_mask=batch.attention_mask,
-                max_new_tokens=max_new_tokens,
-                pad_token_id=tokenizer.pad_token_id,
-                eos_token_id=tokenizer.eos_token_id,
-                **sampling,
-            )
-            new_tokens = generated[:, batch.input_ids.shape[1] :]
-            out.extend(tokenizer.batch_decode(new_tokens, skip_special_tokens=True))
-    finally:
-        tokenizer.padding_side = old_side
-        model.train(was_training)
+    for i in range(0, len(prompts), batch_size):
+        prompt_ids = [tokenizer(p).input_ids for p in prompts[i : i + batch_size]]
+        completions = hf_generate(model, prompt_ids, params, tokenizer)
+        out.extend(tokenizer.batch_decode(completions, skip_special_tokens=True))
     return out
 
 
