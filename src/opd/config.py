@@ -49,6 +49,10 @@ class TeacherConfig(_Section):
         "auto", description="Teacher weight dtype; `auto` keeps the checkpoint's own dtype."
     )
     trust_remote_code: bool = Field(False, description="Allow model code from the hub (off by default).")
+    top_k: int | None = Field(
+        None, ge=1, description="The teacher exposes only its top-k log-probs per position (teacher-side memory "
+        "O(T k), what served teachers and caches return); null = full logits. See `loss.topk_support`.",
+    )
 
 
 class DataConfig(_Section):
@@ -82,6 +86,30 @@ class RolloutConfig(_Section):
     max_new_tokens: int = Field(128, ge=1, description="Generation length cap for student and teacher rollouts.")
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling threshold for rollouts.")
     top_k: int = Field(0, ge=0, description="Top-k sampling for rollouts (0 = off).")
+    sampler: Literal["student", "mixture", "speculative"] = Field(
+        "student", description="How on-policy samples are drawn: `student` alone; `mixture`: each token from "
+        "(1-a) p_S + a p_T (MiniLLM teacher-mixed sampling); `speculative`: the student proposes, tokens outside "
+        "the teacher's top-K are replaced by teacher samples (SKD). The last two decode with both models.",
+    )
+    mixture_alpha: float = Field(0.2, ge=0.0, le=1.0, description="Teacher weight a of `sampler: mixture`.")
+    speculative_top_k: int = Field(
+        25, ge=1, description="`sampler: speculative` keeps a student token if it is in the teacher's top-K."
+    )
+    samples_per_prompt: int = Field(
+        1, ge=1, description="Responses per prompt (a group, for group-normalised outcome rewards); "
+        "train.batch_size counts prompts, so a micro-batch holds batch_size x samples_per_prompt sequences.",
+    )
+    adaptive_off_policy: bool = Field(
+        False, description="DistiLLM's adaptive off-policy schedule (arXiv 2402.03898): each step trains on fresh "
+        "student samples, a replay of earlier ones or the dataset, with a student probability phi that rises "
+        "when validation loss worsens (needs data.eval and train.eval_every; on_policy_fraction must be 0).",
+    )
+    adaptive_init: float = Field(0.0, ge=0.0, le=1.0, description="Initial phi of the adaptive schedule.")
+    adaptive_increment: float = Field(0.1, gt=0.0, le=1.0, description="Rise of phi when validation loss worsens.")
+    adaptive_loss_eps: float = Field(
+        0.1, ge=0.0, description="phi rises when validation loss >= the last recorded value + this."
+    )
+    replay_buffer_size: int = Field(1000, ge=1, description="Student samples kept for replay (FIFO).")
     engine: Literal["hf"] = Field("hf", description="Generation engine: `hf` (transformers generate, KV cache).")
     prefix_tokens: int | None = Field(
         None, ge=1, description="Prefix OPD (arXiv 2602.15260): stop rollouts after this many tokens at the first "
@@ -94,18 +122,49 @@ class RolloutConfig(_Section):
 
 
 class LossConfig(_Section):
-    objective: Literal["divergence", "nll", "sampled_token_pg"] = Field(
+    objective: Literal["divergence", "nll", "sampled_token_pg", "minillm", "kdrl"] = Field(
         "divergence",
         description="`divergence`: token-level f-divergence against the teacher's distributions; "
         "`nll`: cross-entropy on the behaviour policy's tokens (SeqKD when they come from the teacher); "
-        "`sampled_token_pg`: policy gradient with the teacher's log-prob of each sampled token as reward.",
+        "`sampled_token_pg`: policy gradient with the teacher's log-prob of each sampled token as reward; "
+        "`minillm`: sequence-level reverse KL by clipped policy gradient plus the exact single-step term; "
+        "`kdrl`: verifier-reward policy gradient plus a k2 reverse-KL term to the teacher.",
     )
     estimator: Literal["k1", "k2", "k3"] = Field(
         "k1", description="Single-sample reverse-KL estimator whose negative is the reward (sampled_token_pg)."
     )
-    gamma: float = Field(0.0, ge=0.0, le=1.0, description="Discount of rewards into returns (sampled_token_pg).")
+    gamma: float = Field(
+        0.0, ge=0.0, le=1.0, description="Discount of rewards into returns (sampled_token_pg; minillm uses 1)."
+    )
+    clip_eps: float = Field(0.2, gt=0.0, description="PPO ratio clipping of the minillm long-term term.")
+    reward_scale: float = Field(
+        1.0, ge=0.0, description="G-OPD/ExOPD reward scale lambda (sampled_token_pg, estimator k1): the reward "
+        "is lambda (log p_T - log p_ref) - (log p_S - log p_ref) with p_ref the initial student; >1 extrapolates.",
+    )
+    entropy_threshold: float | None = Field(
+        None, ge=0.0, description="Entropy-aware OPD: add forward KL on positions whose teacher entropy (nats) "
+        "is >= this (0.8 in arXiv 2603.07079); null = off. Works with reverse_kl and sampled_token_pg.",
+    )
+    entropy_coef: float = Field(1.0, ge=0.0, description="Weight of the entropy-gated forward-KL term.")
+    entropy_top_k: int | None = Field(
+        16, ge=1, description="The gated forward KL uses the teacher's renormalised top-k (null = full vocab)."
+    )
+    verifier: str = Field(
+        "exact_match", description="Outcome reward of `kdrl`: exact_match, numeric[:abs_tol=..,rel_tol=..], "
+        "math_verify, or module:function (prompt, completion, reference) -> float/bool.",
+    )
+    kd_coef: float = Field(5e-3, ge=0.0, description="KDRL: initial weight of the KD term.")
+    kd_coef_min: float = Field(1e-3, ge=0.0, description="KDRL: the KD weight decays linearly to this floor.")
+    kd_coef_decay: float = Field(5e-5, ge=0.0, description="KDRL: KD weight decrease per step (0 = constant).")
+    kd_estimator: Literal["k2", "k3"] = Field("k2", description="KDRL: reverse-KL estimator of the KD term.")
+    kd_mask_correct: bool = Field(False, description="KDRL: drop the KD term on responses the verifier accepts.")
     divergence: Literal["forward_kl", "reverse_kl", "jsd", "tv", "skew_forward_kl", "skew_reverse_kl"] = Field(
         "reverse_kl", description="Divergence kind for `objective: divergence` (see opd.divergences)."
+    )
+    topk_support: Literal["tail", "renormalize", "teacher_renormalized"] = Field(
+        "tail", description="With `teacher.top_k`: `tail` adds a bucket for the mass outside the top-k to both "
+        "sides; `renormalize` compares both renormalised on the top-k (with reverse_kl: LSM, arXiv 2603.25562); "
+        "`teacher_renormalized` (forward_kl only) renormalises the teacher and keeps the student's full log-probs.",
     )
     beta: float = Field(0.5, ge=0.0, le=1.0, description="JSD(beta) interpolation: 0 = forward KL, 1 = reverse KL.")
     alpha: float = Field(0.1, ge=0.0, le=1.0, description="Skew of the DistiLLM skew KLs.")
@@ -183,18 +242,42 @@ class RunConfig(_Section):
 
     @model_validator(mode="after")
     def _check_combinations(self) -> RunConfig:
-        needs_teacher = self.loss.objective in ("divergence", "sampled_token_pg") or (
-            self.rollout.on_policy_fraction < 1.0 and self.rollout.off_policy_source == "teacher"
+        loss, rollout = self.loss, self.rollout
+        needs_teacher = loss.objective != "nll" or rollout.sampler != "student" or (
+            rollout.on_policy_fraction < 1.0 and rollout.off_policy_source == "teacher"
         )
         if needs_teacher and self.teacher.model is None:
             raise ValueError("teacher.model is required for this recipe (set teacher.model=PATH)")
         if self.rollout.prefix_tokens_final is not None and self.rollout.prefix_tokens is None:
             raise ValueError("rollout.prefix_tokens_final needs rollout.prefix_tokens (the starting length)")
-        if self.loss.objective == "sampled_token_pg" and self.rollout.on_policy_fraction < 1.0:
+        if loss.objective in ("sampled_token_pg", "minillm", "kdrl") and rollout.on_policy_fraction < 1.0:
             raise ValueError(
-                "loss.objective=sampled_token_pg is a policy gradient on the student's own samples; "
+                f"loss.objective={loss.objective} is a policy gradient on the student's own samples; "
                 "set rollout.on_policy_fraction=1"
             )
+        if loss.objective == "kdrl" and rollout.samples_per_prompt < 2:
+            raise ValueError("loss.objective=kdrl normalises rewards within groups; set rollout.samples_per_prompt>=2")
+        if loss.reward_scale != 1.0 and (loss.objective != "sampled_token_pg" or loss.estimator != "k1"):
+            raise ValueError("loss.reward_scale needs loss.objective=sampled_token_pg with loss.estimator=k1")
+        if loss.entropy_threshold is not None and not (
+            loss.objective == "sampled_token_pg" or (loss.objective == "divergence" and loss.divergence == "reverse_kl")
+        ):
+            raise ValueError("loss.entropy_threshold adds forward KL to a reverse-KL objective; use "
+                             "objective=sampled_token_pg or divergence=reverse_kl")
+        if self.teacher.top_k is not None and loss.objective != "divergence":
+            raise ValueError("teacher.top_k (top-k teacher log-probs) is used by loss.objective=divergence")
+        if loss.topk_support == "teacher_renormalized" and self.teacher.top_k and loss.divergence != "forward_kl":
+            raise ValueError("loss.topk_support=teacher_renormalized is defined for divergence=forward_kl")
+        if rollout.sampler != "student" and (rollout.top_p < 1.0 or rollout.top_k > 0):
+            raise ValueError(f"rollout.sampler={rollout.sampler} samples full distributions; "
+                             "leave rollout.top_p=1 and rollout.top_k=0")
+        if rollout.adaptive_off_policy:
+            if rollout.on_policy_fraction != 0.0 or rollout.off_policy_source != "dataset":
+                raise ValueError("rollout.adaptive_off_policy decides per step between student, replay and dataset; "
+                                 "set rollout.on_policy_fraction=0 and off_policy_source=dataset")
+            if not self.data.eval or not self.train.eval_every:
+                raise ValueError("rollout.adaptive_off_policy updates from validation loss; "
+                                 "set data.eval and train.eval_every")
         if self.loss.objective == "nll" and self.rollout.on_policy_fraction > 0.0:
             raise ValueError(
                 "loss.objective=nll trains on the behaviour policy's own tokens, which is a no-op on "

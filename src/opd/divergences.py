@@ -356,6 +356,215 @@ def per_token_reference(
     return kl(q, (1 - alpha) * p + alpha * q)
 
 
+class _GatheredLogprobs(torch.autograd.Function):
+    """``log softmax(z / T)`` at ``K`` ids per row, chunked; backward rebuilds softmax per chunk."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx,
+        logits_NV: torch.Tensor,
+        ids_NK: torch.Tensor,
+        temperature: float,
+        vocab_size: int,
+        chunk_size: int,
+    ) -> torch.Tensor:
+        work = torch.promote_types(logits_NV.dtype, torch.float32)
+        lse_N = torch.empty(logits_NV.shape[0], dtype=work, device=logits_NV.device)
+        out_NK = torch.empty(ids_NK.shape, dtype=work, device=logits_NV.device)
+        for start in range(0, logits_NV.shape[0], chunk_size):
+            rows = slice(start, start + chunk_size)
+            scaled = logits_NV[rows, :vocab_size].to(work) / temperature
+            lse_N[rows] = torch.logsumexp(scaled, dim=-1)
+            out_NK[rows] = scaled.gather(-1, ids_NK[rows]) - lse_N[rows, None]
+        ctx.save_for_backward(logits_NV, ids_NK, lse_N)
+        ctx.temperature, ctx.vocab_size, ctx.chunk_size = temperature, vocab_size, chunk_size
+        return out_NK
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad_NK: torch.Tensor):  # type: ignore[override]
+        logits_NV, ids_NK, lse_N = ctx.saved_tensors
+        temperature, vocab_size = ctx.temperature, ctx.vocab_size
+        grad_NV = torch.zeros_like(logits_NV)
+        for start in range(0, logits_NV.shape[0], ctx.chunk_size):
+            rows = slice(start, start + ctx.chunk_size)
+            g_NK = grad_NK[rows].to(lse_N.dtype)
+            # d log p(y_k) / dz = (onehot(y_k) - softmax(z / T)) / T, summed over k with weights g_k.
+            probs = (logits_NV[rows, :vocab_size].to(lse_N.dtype) / temperature - lse_N[rows, None]).exp_()
+            probs.mul_(-g_NK.sum(-1, keepdim=True)).scatter_add_(-1, ids_NK[rows], g_NK)
+            grad_NV[rows, :vocab_size] = (probs / temperature).to(grad_NV.dtype)
+        return grad_NV, None, None, None, None
+
+
+def gathered_logprobs(
+    logits: torch.Tensor,
+    ids: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    vocab_size: int | None = None,
+    chunk_size: int | None = None,
+) -> torch.Tensor:
+    """``log softmax(logits / temperature)`` at ``ids`` (``[..., V]`` logits, ``[..., K]`` ids).
+
+    Never materialises a full fp32 log-softmax: the normaliser is computed chunk by chunk
+    and the backward pass rebuilds the softmax one chunk at a time.
+    """
+    vocab = vocab_size or logits.shape[-1]
+    chunk = chunk_size or auto_chunk_size(vocab)
+    flat_NV = logits.reshape(-1, logits.shape[-1])
+    flat_NK = ids.reshape(-1, ids.shape[-1])
+    out_NK = _GatheredLogprobs.apply(flat_NV, flat_NK, float(temperature), int(vocab), int(chunk))
+    return out_NK.reshape(ids.shape)
+
+
+@torch.no_grad()
+def teacher_topk(
+    teacher_logits: torch.Tensor,
+    k: int,
+    mask: torch.Tensor | None = None,
+    *,
+    temperature: float = 1.0,
+    vocab_size: int | None = None,
+    chunk_size: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The teacher's ``k`` most likely tokens per position: ``(logprobs [..., k], ids [..., k])``.
+
+    Log-probs are normalised over the full vocabulary (what a served teacher's
+    ``top_logprobs`` returns). Masked positions get ids 0 and log-prob 0; they are never read.
+    """
+    vocab = vocab_size or teacher_logits.shape[-1]
+    if not 1 <= k <= vocab:
+        raise ValueError(f"top-k must be in [1, {vocab}], got {k}")
+    chunk = chunk_size or auto_chunk_size(vocab)
+    lead = teacher_logits.shape[:-1]
+    flat_NV = teacher_logits.reshape(-1, teacher_logits.shape[-1])
+    rows_R = (torch.arange(flat_NV.shape[0], device=flat_NV.device) if mask is None
+              else mask.reshape(-1).nonzero().squeeze(-1))
+    work = torch.promote_types(flat_NV.dtype, torch.float32)
+    logprobs_NK = torch.zeros((flat_NV.shape[0], k), dtype=work, device=flat_NV.device)
+    ids_NK = torch.zeros((flat_NV.shape[0], k), dtype=torch.long, device=flat_NV.device)
+    for start in range(0, rows_R.numel(), chunk):
+        idx = rows_R[start : start + chunk]
+        top = _log_softmax(flat_NV[idx, :vocab], temperature, work).topk(k, dim=-1)
+        logprobs_NK[idx], ids_NK[idx] = top.values, top.indices
+    return logprobs_NK.reshape(*lead, k), ids_NK.reshape(*lead, k)
+
+
+@torch.no_grad()
+def entropy(
+    logits: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    *,
+    temperature: float = 1.0,
+    vocab_size: int | None = None,
+    chunk_size: int | None = None,
+) -> torch.Tensor:
+    """Entropy in nats of ``softmax(logits / temperature)`` per position (0 where masked)."""
+    vocab = vocab_size or logits.shape[-1]
+    chunk = chunk_size or auto_chunk_size(vocab)
+    flat_NV = logits.reshape(-1, logits.shape[-1])
+    work = torch.promote_types(flat_NV.dtype, torch.float32)
+    out_N = torch.zeros(flat_NV.shape[0], dtype=work, device=flat_NV.device)
+    rows_R = (torch.arange(flat_NV.shape[0], device=flat_NV.device) if mask is None
+              else mask.reshape(-1).nonzero().squeeze(-1))
+    for start in range(0, rows_R.numel(), chunk):
+        idx = rows_R[start : start + chunk]
+        logp = _log_softmax(flat_NV[idx, :vocab], temperature, work)
+        out_N[idx] = -(logp.exp() * logp).sum(-1)
+    return out_N.reshape(logits.shape[:-1])
+
+
+TOPK_SUPPORTS = ("tail", "renormalize", "teacher_renormalized")
+
+
+def _log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """``log(1 - exp(x))`` for ``x < 0`` without cancellation (Maechler 2012)."""
+    return torch.where(x > -math.log(2.0), torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
+
+
+# Mass left outside the top-k is floored at e^-46 (1e-20): a teacher whose k tokens hold
+# all of its mass in fp32 would otherwise give log(0) in the tail bucket.
+_TAIL_LOG_CEILING = -1e-20
+
+
+def _with_tail(logprobs_NK: torch.Tensor) -> torch.Tensor:
+    covered_N = torch.logsumexp(logprobs_NK, dim=-1).clamp(max=_TAIL_LOG_CEILING)
+    return torch.cat([logprobs_NK, _log1mexp(covered_N)[:, None]], dim=-1)
+
+
+def topk_per_token(
+    kind: str,
+    student_logits: torch.Tensor,
+    teacher_topk_logprobs: torch.Tensor,
+    teacher_topk_ids: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    *,
+    support: str = "tail",
+    beta: float = 0.5,
+    alpha: float = 0.1,
+    temperature: float = 1.0,
+    vocab_size: int | None = None,
+    chunk_size: int | None = None,
+) -> torch.Tensor:
+    """Per-position divergence when the teacher exposes only its top-k log-probs.
+
+    The teacher side costs ``O(T k)`` memory; the student's full logits still give its
+    exact log-probs on the teacher's k tokens. ``support`` says what happens to the rest:
+
+    - ``tail``: both distributions get a (k+1)-th bucket holding their mass outside the
+      k tokens, ``1 - sum_k p(v_k)``; any ``kind`` is then computed exactly on the k+1
+      buckets. By the data-processing inequality this is a lower bound of the full-vocab
+      divergence, equal to it once the buckets carry no mass, and it still pushes the
+      student's mass off tokens the teacher considers unlikely (through the tail bucket).
+    - ``renormalize``: both distributions are renormalised on the k tokens and compared
+      there (the common "top-k logits" KD approximation); mass outside is ignored.
+    - ``renormalize``: both distributions are renormalised on the k tokens and compared
+      there; mass outside gets no gradient. With ``reverse_kl`` this is the Local Support
+      Matching loss of arXiv 2603.25562 (Eqs. 6-8, k = 32 there, with top-p 0.9 rollouts).
+    - ``teacher_renormalized``: forward KL only, ``sum_k p^(v_k) (log p^(v_k) - log q(v_k))``
+      with the teacher renormalised on its top-k and the student's full-vocab log-probs — the
+      forward-KL term of entropy-aware OPD (arXiv 2603.07079, k = 16). Unlike a reverse KL on
+      unrenormalised student probabilities, it cannot be lowered by moving student mass away.
+
+    Buckets are passed to :func:`per_token` as logits at temperature 1; because they are
+    already normalised (``tail``) or are meant to be renormalised (``renormalize``) the
+    softmax inside it is the identity, resp. the renormalisation, and its gradient is exact.
+    """
+    if support not in TOPK_SUPPORTS:
+        raise ValueError(f"unknown top-k support {support!r}; choose one of {', '.join(TOPK_SUPPORTS)}")
+    if support == "teacher_renormalized" and kind != "forward_kl":
+        raise ValueError("support='teacher_renormalized' is defined for forward_kl only")
+    if teacher_topk_logprobs.shape != teacher_topk_ids.shape:
+        raise ValueError("teacher top-k log-probs and ids differ in shape")
+    lead = student_logits.shape[:-1]
+    if teacher_topk_ids.shape[:-1] != lead:
+        raise ValueError(f"teacher top-k {tuple(teacher_topk_ids.shape)} does not match student {tuple(lead)}")
+    k = teacher_topk_ids.shape[-1]
+    student_NV = student_logits.reshape(-1, student_logits.shape[-1])
+    ids_NK = teacher_topk_ids.reshape(-1, k)
+    teacher_NK = teacher_topk_logprobs.detach().reshape(-1, k)
+    if mask is None:
+        rows_R = torch.arange(student_NV.shape[0], device=student_NV.device)
+    else:
+        if mask.shape != lead:
+            raise ValueError(f"mask shape {tuple(mask.shape)} does not match logits {tuple(lead)}")
+        rows_R = mask.reshape(-1).nonzero().squeeze(-1)
+    work = torch.promote_types(student_NV.dtype, torch.float32)
+    values_N = torch.zeros(student_NV.shape[0], dtype=work, device=student_NV.device)
+    if rows_R.numel() == 0:
+        return (values_N + 0.0 * student_NV.sum()).reshape(lead)  # keeps the graph: zero gradient
+    student_RK = gathered_logprobs(student_NV[rows_R], ids_NK[rows_R], temperature=temperature,
+                                   vocab_size=vocab_size, chunk_size=chunk_size)
+    teacher_RK = teacher_NK[rows_R].to(work)
+    if support == "teacher_renormalized":
+        target_RK = torch.log_softmax(teacher_RK, dim=-1)
+        per_row = (target_RK.exp() * (target_RK - student_RK)).sum(-1)
+    else:
+        if support == "tail":
+            student_RK, teacher_RK = _with_tail(student_RK), _with_tail(teacher_RK)
+        per_row = per_token(kind, student_RK, teacher_RK, beta=beta, alpha=alpha, inplace_backward=False)
+    return values_N.index_put((rows_R,), per_row).reshape(lead)
+
+
 SAMPLED_ESTIMATORS = ("k1", "k2", "k3")
 
 

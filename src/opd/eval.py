@@ -136,3 +136,34 @@ def evaluate(
         if teacher is not None and not greedy and div_tokens:
             results["eval/teacher_divergence"] = div_sum / div_tokens
     return results
+
+
+@torch.no_grad()
+def reference_nll(
+    student: torch.nn.Module,
+    tokenizer: Any,
+    examples: list[Example],
+    *,
+    temperature: float = 1.0,
+    vocab_size: int | None = None,
+    batch_size: int = 64,
+) -> float:
+    """Mean per-token cross-entropy of the reference answers (DistiLLM's validation loss)."""
+    from opd.objectives import sequence_nll
+
+    with_answers = [e for e in examples if e.answer_ids]
+    if not with_answers:
+        raise ConfigError("the eval set has no reference answers, which the validation loss needs")
+    device = next(student.parameters()).device
+    total, tokens = 0.0, 0.0
+    for start in range(0, len(with_answers), batch_size):
+        chunk = with_answers[start : start + batch_size]
+        batch = build_batch([e.prompt_ids for e in chunk], [list(e.answer_ids) for e in chunk],
+                            tokenizer.pad_token_id)
+        logits = completion_logits(student, batch.input_ids_BT.to(device), batch.attention_mask_BT.to(device),
+                                   batch.completion_len)
+        _, metrics = sequence_nll(logits, batch.completion_ids_BC.to(device), batch.completion_mask_BC.to(device),
+                                  num_tokens=1, temperature=temperature, vocab_size=vocab_size)
+        total += metrics["loss/nll_sum"]
+        tokens += metrics["loss/tokens"]
+    return total / max(tokens, 1.0)

@@ -59,6 +59,43 @@ def token_divergence(
     return loss, metrics
 
 
+def topk_divergence(
+    student_logits_BCV: torch.Tensor,
+    teacher_topk_logprobs_BCK: torch.Tensor,
+    teacher_topk_ids_BCK: torch.Tensor,
+    mask_BC: torch.Tensor,
+    *,
+    kind: str,
+    num_tokens: int | float,
+    support: str = "tail",
+    beta: float = 0.5,
+    alpha: float = 0.1,
+    temperature: float = 1.0,
+    chunk_size: int | None = None,
+    vocab_size: int | None = None,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Token-level distillation from a teacher that exposes only its top-k log-probs.
+
+    Same normalisation as :func:`token_divergence`; the per-position value is
+    :func:`opd.divergences.topk_per_token` (``support`` = tail bucket, renormalised, or
+    the truncated reverse KL of arXiv 2603.25562).
+    """
+    values_BC = divergences.topk_per_token(
+        kind, student_logits_BCV, teacher_topk_logprobs_BCK, teacher_topk_ids_BCK, mask_BC.bool(),
+        support=support, beta=beta, alpha=alpha, temperature=temperature, vocab_size=vocab_size,
+        chunk_size=chunk_size,
+    )
+    total = values_BC.sum()
+    with torch.no_grad():
+        covered = (teacher_topk_logprobs_BCK.exp().sum(-1) * mask_BC).sum()
+    metrics = {
+        "loss/divergence_sum": float(total.detach().item()),
+        "loss/tokens": float(mask_BC.sum().item()),
+        "teacher/topk_mass_sum": float(covered.item()),
+    }
+    return total / _normaliser(num_tokens), metrics
+
+
 def sequence_nll(
     student_logits_BCV: torch.Tensor,
     target_ids_BC: torch.Tensor,
@@ -91,44 +128,6 @@ def sequence_nll(
     return loss, {"loss/nll_sum": float(total.detach().item()), "loss/tokens": float(rows.numel())}
 
 
-class _TokenLogprob(torch.autograd.Function):
-    """log softmax(z / T)[y] per row, chunked; backward rebuilds softmax chunk by chunk."""
-
-    @staticmethod
-    def forward(  # type: ignore[override]
-        ctx: torch.autograd.function.FunctionCtx,
-        logits_NV: torch.Tensor,
-        ids_N: torch.Tensor,
-        temperature: float,
-        vocab_size: int,
-        chunk_size: int,
-    ) -> torch.Tensor:
-        work = torch.promote_types(logits_NV.dtype, torch.float32)
-        lse_N = torch.empty(logits_NV.shape[0], dtype=work, device=logits_NV.device)
-        out_N = torch.empty_like(lse_N)
-        for start in range(0, logits_NV.shape[0], chunk_size):
-            rows = slice(start, start + chunk_size)
-            scaled = logits_NV[rows, :vocab_size].to(work) / temperature
-            lse_N[rows] = torch.logsumexp(scaled, dim=-1)
-            out_N[rows] = scaled.gather(-1, ids_N[rows, None]).squeeze(-1) - lse_N[rows]
-        ctx.save_for_backward(logits_NV, ids_N, lse_N)
-        ctx.temperature, ctx.vocab_size, ctx.chunk_size = temperature, vocab_size, chunk_size
-        return out_N
-
-    @staticmethod
-    def backward(ctx: torch.autograd.function.FunctionCtx, grad_N: torch.Tensor):  # type: ignore[override]
-        logits_NV, ids_N, lse_N = ctx.saved_tensors
-        temperature, vocab_size = ctx.temperature, ctx.vocab_size
-        grad_NV = torch.zeros_like(logits_NV)
-        for start in range(0, logits_NV.shape[0], ctx.chunk_size):
-            rows = slice(start, start + ctx.chunk_size)
-            # d log p(y) / dz = (onehot(y) - softmax(z / T)) / T
-            probs = (logits_NV[rows, :vocab_size].to(lse_N.dtype) / temperature - lse_N[rows, None]).exp_()
-            probs.neg_().scatter_add_(-1, ids_N[rows, None], torch.ones_like(lse_N[rows, None]))
-            grad_NV[rows, :vocab_size] = (probs * (grad_N[rows, None] / temperature)).to(grad_NV.dtype)
-        return grad_NV, None, None, None, None
-
-
 def token_logprobs(
     logits_BCV: torch.Tensor,
     ids_BC: torch.Tensor,
@@ -139,11 +138,9 @@ def token_logprobs(
 ) -> torch.Tensor:
     """``log softmax(logits / temperature)`` of the given tokens, ``[B, C]``, without a full
     fp32 ``[B, C, V]`` log-softmax in forward or backward."""
-    vocab = vocab_size or logits_BCV.shape[-1]
-    chunk = chunk_size or divergences.auto_chunk_size(vocab)
-    flat = logits_BCV.reshape(-1, logits_BCV.shape[-1])
-    out = _TokenLogprob.apply(flat, ids_BC.reshape(-1), float(temperature), int(vocab), int(chunk))
-    return out.reshape(ids_BC.shape)
+    return divergences.gathered_logprobs(
+        logits_BCV, ids_BC[..., None], temperature=temperature, vocab_size=vocab_size, chunk_size=chunk_size
+    )[..., 0]
 
 
 def discounted_returns(rewards_BC: torch.Tensor, mask_BC: torch.Tensor, gamma: float) -> torch.Tensor:
@@ -172,6 +169,8 @@ def sampled_token_pg(
     vocab_size: int | None = None,
     sampler_logprobs_BC: torch.Tensor | None = None,
     chunk_size: int | None = None,
+    reward_scale: float = 1.0,
+    reference_logprobs_BC: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Sampled-token on-policy distillation as an importance-sampled policy gradient.
 
@@ -186,12 +185,24 @@ def sampled_token_pg(
     sampled the tokens; when omitted the tokens are taken to come from the current weights
     (ratio 1, the plain policy gradient of sequence-level reverse KL when gamma = 1,
     cf. MiniLLM arXiv 2306.08543 Eq. 3).
+
+    ``reward_scale`` = lambda != 1 gives the reward extrapolation of G-OPD / ExOPD
+    (arXiv 2602.12125): ``r_t = lambda (log p_T - log p_ref) - (log p_S - log p_ref)``
+    with ``p_ref`` the student's initial weights (``reference_logprobs_BC``); its optimum is
+    ``log p_S = lambda log p_T + (1 - lambda) log p_ref``, past the teacher for lambda > 1
+    (1.25 in the paper). lambda = 1 is plain OPD (the reference cancels).
     """
     student_lp_BC = token_logprobs(student_logits_BCV, ids_BC, temperature=temperature,
                                    vocab_size=vocab_size, chunk_size=chunk_size)
     sampler_lp_BC = student_lp_BC.detach() if sampler_logprobs_BC is None else sampler_logprobs_BC
     with torch.no_grad():
-        rewards_BC = -divergences.sampled_token(estimator, sampler_lp_BC, teacher_logprobs_BC)
+        if reward_scale != 1.0:
+            if reference_logprobs_BC is None or estimator != "k1":
+                raise ValueError("reward_scale != 1 needs reference_logprobs_BC and estimator='k1'")
+            rewards_BC = (reward_scale * (teacher_logprobs_BC - reference_logprobs_BC)
+                          - (sampler_lp_BC - reference_logprobs_BC))
+        else:
+            rewards_BC = -divergences.sampled_token(estimator, sampler_lp_BC, teacher_logprobs_BC)
         advantages_BC = discounted_returns(rewards_BC, mask_BC, gamma)
     ratio_BC = torch.exp(student_lp_BC - sampler_lp_BC)
     total = -(ratio_BC * advantages_BC * mask_BC).sum()
@@ -205,3 +216,168 @@ def sampled_token_pg(
         "loss/tokens": count,
     }
     return loss, metrics
+
+
+def entropy_gated_forward_kl(
+    student_logits_BCV: torch.Tensor,
+    teacher_logits_BCV: torch.Tensor,
+    mask_BC: torch.Tensor,
+    *,
+    num_tokens: int | float,
+    threshold: float = 0.8,
+    top_k: int | None = 16,
+    temperature: float = 1.0,
+    vocab_size: int | None = None,
+    chunk_size: int | None = None,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """The forward-KL term of entropy-aware OPD (EOPD, arXiv 2603.07079).
+
+    Where the teacher is uncertain (entropy ``H(p_T) >= threshold`` nats over the full
+    vocabulary; 0.8 in the paper) reverse KL alone is mode-seeking and collapses the
+    student onto one of several good continuations, so forward KL is added there:
+    ``sum_t 1[H_t >= tau] KL(p^_T || q) / num_tokens`` with the teacher renormalised on its
+    top-k (k = 16 in the paper; ``None`` = full vocabulary). The caller adds it, times a
+    coefficient, to the reverse-KL objective, which stays on every token.
+    """
+    with torch.no_grad():
+        entropy_BC = divergences.entropy(teacher_logits_BCV, mask_BC.bool(), temperature=temperature,
+                                         vocab_size=vocab_size, chunk_size=chunk_size)
+        gate_BC = (entropy_BC >= threshold) & mask_BC.bool()
+    if top_k is None:
+        values_BC = divergences.per_token("forward_kl", student_logits_BCV, teacher_logits_BCV, gate_BC,
+                                          temperature=temperature, chunk_size=chunk_size, vocab_size=vocab_size)
+    else:
+        top_lp, top_ids = divergences.teacher_topk(teacher_logits_BCV, top_k, gate_BC, temperature=temperature,
+                                                   vocab_size=vocab_size, chunk_size=chunk_size)
+        values_BC = divergences.topk_per_token("forward_kl", student_logits_BCV, top_lp, top_ids, gate_BC,
+                                               support="teacher_renormalized", temperature=temperature,
+                                               vocab_size=vocab_size, chunk_size=chunk_size)
+    total = values_BC.sum()
+    metrics = {
+        "loss/entropy_fkl_sum": float(total.detach().item()),
+        "teacher/high_entropy_tokens": float(gate_BC.sum().item()),
+        "teacher/entropy_sum": float((entropy_BC * mask_BC).sum().item()),
+    }
+    return total / _normaliser(num_tokens), metrics
+
+
+def future_mean_returns(rewards_BC: torch.Tensor, mask_BC: torch.Tensor, gamma: float = 1.0) -> torch.Tensor:
+    """MiniLLM's length-normalised long-term return (arXiv 2306.08543, Eq. 6):
+    ``R^Norm_{t+1} = sum_{t' > t} gamma^(t'-t-1) r_t' / (number of valid t' > t)``, 0 at the last token."""
+    with_current = discounted_returns(rewards_BC, mask_BC, gamma)
+    future_BC = torch.zeros_like(with_current)
+    future_BC[:, :-1] = with_current[:, 1:]
+    remaining_BC = torch.zeros_like(mask_BC)
+    remaining_BC[:, :-1] = mask_BC.flip(-1).cumsum(-1).flip(-1)[:, 1:]
+    return future_BC / remaining_BC.clamp(min=1.0) * mask_BC
+
+
+def minillm(
+    student_logits_BCV: torch.Tensor,
+    teacher_logits_BCV: torch.Tensor,
+    ids_BC: torch.Tensor,
+    mask_BC: torch.Tensor,
+    *,
+    num_tokens: int | float,
+    sampler_logprobs_BC: torch.Tensor | None = None,
+    clip_eps: float = 0.2,
+    gamma: float = 1.0,
+    temperature: float = 1.0,
+    vocab_size: int | None = None,
+    chunk_size: int | None = None,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """MiniLLM: sequence-level reverse KL by policy gradient (arXiv 2306.08543, Eq. 7).
+
+    Per valid token ``t``, with ``r_t = log p_T(y_t) - log q(y_t)`` at sampling time:
+
+    - single-step term, exact over the vocabulary: ``w_t KL(q(.|c_t) || p_T(.|c_t))``;
+    - long-term term, PPO-clipped: ``max(-A_t rho_t w_t, -A_t clip(rho_t w_t, 1 - eps, 1 + eps))``
+      with ``A_t = R^Norm_{t+1}`` (:func:`future_mean_returns`), ``rho_t = q_theta / q_old``;
+    - ``w_t = q_old(y_t) / p~(y_t)``, the per-step importance weight of teacher-mixed sampling
+      (Eq. 5; ``sampler_logprobs_BC`` = ``log p~``, omitted = the student sampled alone, w = 1).
+
+    Both summed and divided by ``num_tokens``. Not included: the paper's language-modelling
+    loss on pretraining text, and its code's reward scaling / advantage whitening.
+    """
+    student_lp_BC = token_logprobs(student_logits_BCV, ids_BC, temperature=temperature,
+                                   vocab_size=vocab_size, chunk_size=chunk_size)
+    with torch.no_grad():
+        old_lp_BC = student_lp_BC.detach()
+        teacher_lp_BC = token_logprobs(teacher_logits_BCV, ids_BC, temperature=temperature,
+                                       vocab_size=vocab_size, chunk_size=chunk_size)
+        rewards_BC = (teacher_lp_BC - old_lp_BC) * mask_BC
+        advantages_BC = future_mean_returns(rewards_BC, mask_BC, gamma)
+        weights_BC = torch.ones_like(old_lp_BC) if sampler_logprobs_BC is None else \
+            torch.exp(old_lp_BC - sampler_logprobs_BC)
+    single_BC = divergences.per_token("reverse_kl", student_logits_BCV, teacher_logits_BCV, mask_BC.bool(),
+                                      temperature=temperature, chunk_size=chunk_size, vocab_size=vocab_size)
+    weighted_ratio_BC = torch.exp(student_lp_BC - old_lp_BC) * weights_BC
+    pg_BC = torch.maximum(-advantages_BC * weighted_ratio_BC,
+                          -advantages_BC * weighted_ratio_BC.clamp(1.0 - clip_eps, 1.0 + clip_eps))
+    single_total = (weights_BC * single_BC * mask_BC).sum()
+    pg_total = (pg_BC * mask_BC).sum()
+    metrics = {
+        "loss/single_step_sum": float(single_total.detach().item()),
+        "loss/pg_sum": float(pg_total.detach().item()),
+        "teacher/reverse_kl_k1_sum": float((-rewards_BC).sum().item()),
+        "rollout/importance_weight_sum": float((weights_BC * mask_BC).sum().item()),
+        "loss/tokens": float(mask_BC.sum().item()),
+    }
+    return (single_total + pg_total) / _normaliser(num_tokens), metrics
+
+
+def group_advantages(rewards_B: torch.Tensor, group_B: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """GRPO's outcome advantage: reward minus its group mean, over the group's std
+    (population std; a group whose rewards are all equal gets advantage 0)."""
+    advantages_B = torch.zeros_like(rewards_B)
+    for group in group_B.unique():
+        members = group_B == group
+        values = rewards_B[members]
+        centred = values - values.mean()
+        std = values.std(unbiased=False)
+        advantages_B[members] = centred / (std + eps) if std > 0 else torch.zeros_like(centred)
+    return advantages_B
+
+
+def kdrl(
+    student_logits_BCV: torch.Tensor,
+    teacher_logprobs_BC: torch.Tensor,
+    ids_BC: torch.Tensor,
+    mask_BC: torch.Tensor,
+    advantages_B: torch.Tensor,
+    *,
+    num_tokens: int | float,
+    kd_coef: float,
+    kd_estimator: str = "k2",
+    kd_mask_B: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    vocab_size: int | None = None,
+    sampler_logprobs_BC: torch.Tensor | None = None,
+    chunk_size: int | None = None,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """KDRL: outcome-reward policy gradient plus on-policy KD (arXiv 2506.02208, Eq. 8).
+
+    ``L = [ -sum_{i,t} rho_{i,t} A_i + kd_coef * sum_{i,t} k(log q, log p_T) ] / num_tokens``
+    with ``A_i`` the group-normalised verifier advantage (:func:`group_advantages`),
+    ``rho = q_theta / q_sampler`` (1 on-policy) and ``k`` the k2 estimator ``(log q - log p_T)^2 / 2``
+    differentiated through the student's log-prob, whose gradient on student samples is
+    the reverse-KL policy gradient (k3 is allowed too). ``kd_mask_B`` drops the KD term for
+    chosen sequences (KDRL's reward-guided masking of already-correct responses).
+    """
+    student_lp_BC = token_logprobs(student_logits_BCV, ids_BC, temperature=temperature,
+                                   vocab_size=vocab_size, chunk_size=chunk_size)
+    sampler_lp_BC = student_lp_BC.detach() if sampler_logprobs_BC is None else sampler_logprobs_BC
+    ratio_BC = torch.exp(student_lp_BC - sampler_lp_BC)
+    pg_total = -(ratio_BC * advantages_B[:, None] * mask_BC).sum()
+    kd_BC = divergences.sampled_token(kd_estimator, student_lp_BC, teacher_logprobs_BC)
+    kd_weight_BC = mask_BC if kd_mask_B is None else mask_BC * kd_mask_B[:, None]
+    kd_total = (kd_BC * kd_weight_BC).sum()
+    metrics = {
+        "loss/pg_sum": float(pg_total.detach().item()),
+        "loss/kd_sum": float(kd_total.detach().item()),
+        "teacher/reverse_kl_k1_sum": float(
+            (divergences.sampled_token("k1", sampler_lp_BC, teacher_logprobs_BC) * mask_BC).sum().item()
+        ),
+        "loss/tokens": float(mask_BC.sum().item()),
+    }
+    return (pg_total + kd_coef * kd_total) / _normaliser(num_tokens), metrics

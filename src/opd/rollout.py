@@ -16,6 +16,8 @@ anything after EOS.
 
 from __future__ import annotations
 
+import inspect
+import math
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -39,6 +41,10 @@ class SequenceBatch:
     completion_mask_BC: torch.Tensor  # float 0/1
     prompt_len: int
     on_policy_B: torch.Tensor  # bool: written by the student
+    # log-prob of each completion token under the distribution that sampled it (co-sampling)
+    sampler_logprobs_BC: torch.Tensor | None = None
+    examples: list[Example] | None = None  # the rows behind each sequence (rewards need references)
+    group_B: torch.Tensor | None = None  # prompt index of each sequence (samples_per_prompt > 1)
 
     @property
     def completion_len(self) -> int:
@@ -62,7 +68,8 @@ def truncate_at_eos(tokens: list[int], eos_ids: set[int]) -> list[int]:
 
 
 def build_batch(
-    prompts: list[list[int]], completions: list[list[int]], pad_id: int, on_policy: list[bool] | None = None
+    prompts: list[list[int]], completions: list[list[int]], pad_id: int, on_policy: list[bool] | None = None,
+    sampler_logprobs: list[list[float] | None] | None = None,
 ) -> SequenceBatch:
     """Assemble prompts and completions into one padded batch."""
     if len(prompts) != len(completions):
@@ -81,7 +88,13 @@ def build_batch(
             attention[i, prompt_len : prompt_len + len(completion)] = 1
             completion_mask[i, : len(completion)] = 1.0
     flags = torch.tensor(on_policy if on_policy is not None else [True] * batch, dtype=torch.bool)
-    return SequenceBatch(input_ids, attention, completion_mask, prompt_len, flags)
+    sampler_BC = None
+    if sampler_logprobs is not None:
+        sampler_BC = torch.zeros((batch, completion_len), dtype=torch.float32)
+        for i, lps in enumerate(sampler_logprobs):
+            if lps:
+                sampler_BC[i, : len(lps)] = torch.tensor(lps, dtype=torch.float32)
+    return SequenceBatch(input_ids, attention, completion_mask, prompt_len, flags, sampler_BC)
 
 
 @dataclass
@@ -120,6 +133,16 @@ def stop_token_ids(model: torch.nn.Module, tokenizer: Any) -> list[int]:
     return sorted(i for i in ids if i is not None)
 
 
+def _left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(p) for p in prompts)
+    input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    attention = torch.zeros((len(prompts), width), dtype=torch.long)
+    for i, prompt in enumerate(prompts):
+        input_ids[i, width - len(prompt) :] = torch.tensor(prompt, dtype=torch.long)
+        attention[i, width - len(prompt) :] = 1
+    return input_ids, attention
+
+
 @torch.no_grad()
 def hf_generate(
     model: torch.nn.Module, prompts: list[list[int]], params: SamplingParams, tokenizer: Any
@@ -131,13 +154,9 @@ def hf_generate(
         return []
     pad_id = tokenizer.pad_token_id
     eos_ids = stop_token_ids(model, tokenizer)
-    width = max(len(p) for p in prompts)
     device = next(model.parameters()).device
-    input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    attention = torch.zeros((len(prompts), width), dtype=torch.long)
-    for i, prompt in enumerate(prompts):
-        input_ids[i, width - len(prompt) :] = torch.tensor(prompt, dtype=torch.long)
-        attention[i, width - len(prompt) :] = 1
+    input_ids, attention = _left_pad(prompts, pad_id)
+    width = input_ids.shape[1]
     # The behaviour policy must be exactly softmax(logits / T) (optionally top-p / top-k
     # filtered): a checkpoint's generation_config.json (top_k=50, repetition penalties,
     # min_p, ...) would otherwise fill every field left unset, so it is swapped out below.
@@ -170,6 +189,129 @@ def hf_generate(
     return [truncate_at_eos(seq, set(eos_ids)) for seq in generated]
 
 
+class _Decoder:
+    """Incremental forward passes of one model with its own KV cache."""
+
+    def __init__(self, model: torch.nn.Module, input_ids: torch.Tensor, attention: torch.Tensor) -> None:
+        self.model = model
+        self.device = next(model.parameters()).device
+        self.attention = attention.to(self.device)
+        self.positions = (self.attention.cumsum(-1) - 1).clamp(min=0)
+        # transformers >= 5.2x names the KV cache `cache`; older models call it `past_key_values`.
+        self.cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+        out = model(input_ids=input_ids.to(self.device), attention_mask=self.attention,
+                    position_ids=self.positions, use_cache=True, logits_to_keep=1)
+        self.cache = self._cache_of(out)
+        self.last_logits = out.logits[:, -1]
+        self.positions = self.positions[:, -1:]
+
+    @staticmethod
+    def _cache_of(out: Any) -> Any:
+        cache = getattr(out, "cache", None)
+        return cache if cache is not None else out.past_key_values
+
+    def feed(self, tokens_B: torch.Tensor) -> None:
+        self.attention = torch.cat([self.attention, torch.ones_like(self.attention[:, :1])], dim=-1)
+        self.positions = self.positions + 1
+        out = self.model(input_ids=tokens_B.to(self.device)[:, None], attention_mask=self.attention,
+                         position_ids=self.positions, use_cache=True, **{self.cache_arg: self.cache})
+        self.cache = self._cache_of(out)
+        self.last_logits = out.logits[:, -1]
+
+
+CO_SAMPLERS = ("mixture", "speculative")
+
+
+@torch.no_grad()
+def co_generate(
+    student: torch.nn.Module,
+    teacher: torch.nn.Module,
+    prompts: list[list[int]],
+    params: SamplingParams,
+    tokenizer: Any,
+    *,
+    rule: str,
+    mixture_alpha: float = 0.2,
+    accept_top_k: int = 25,
+) -> tuple[list[list[int]], list[list[float]], dict[str, float]]:
+    """Sample with student and teacher decoding side by side (both with KV caches).
+
+    - ``mixture``: each token comes from ``(1 - a) p_S + a p_T`` — MiniLLM's teacher-mixed
+      sampling (arXiv 2306.08543, Sec. 2.2), which keeps early, poor student rollouts from
+      drifting into text the teacher cannot score well.
+    - ``speculative``: the student proposes a token; it is kept if it is among the teacher's
+      ``accept_top_k`` most likely tokens, otherwise replaced by a sample from the teacher —
+      Speculative KD (arXiv 2410.11325, Sec. 3), which interleaves the two policies.
+
+    Both distributions are at ``params.temperature``; top-p / top-k filtering does not apply.
+    Returns completions (cut after EOS), the log-probability of each token under the
+    distribution that actually produced it (``log p~(y_t)``, for importance weights), and
+    ``rollout/teacher_token_fraction`` (mixture: tokens drawn from the teacher component;
+    speculative: replaced proposals).
+    """
+    if rule not in CO_SAMPLERS:
+        raise ValueError(f"unknown co-sampling rule {rule!r}; choose one of {', '.join(CO_SAMPLERS)}")
+    if not prompts:
+        return [], [], {}
+    input_ids, attention = _left_pad(prompts, tokenizer.pad_token_id)
+    eos_ids = stop_token_ids(student, tokenizer)
+    device = next(student.parameters()).device
+    eos_t = torch.tensor(eos_ids, device=device)
+    vocab = params.vocab_size or student.get_output_embeddings().weight.shape[0]
+    was_training = student.training
+    student.eval()
+    try:
+        s_dec = _Decoder(student, input_ids, attention)
+        t_dec = _Decoder(teacher, input_ids, attention)
+        tokens, logprobs = [], []
+        finished_B = torch.zeros(len(prompts), dtype=torch.bool, device=device)
+        from_teacher, counted = 0.0, 0.0
+        for _ in range(params.max_new_tokens):
+            s_lp_BV = torch.log_softmax(s_dec.last_logits[:, :vocab].float() / params.temperature, -1)
+            t_lp_BV = torch.log_softmax(t_dec.last_logits[:, :vocab].float().to(device) / params.temperature, -1)
+            if rule == "mixture":
+                # Choose the component first, then the token: same distribution as sampling the
+                # mixture directly, and it tells us which component wrote the token.
+                use_teacher_B = torch.rand(len(prompts), device=device) < mixture_alpha
+                from_s = torch.multinomial(s_lp_BV.exp(), 1).squeeze(-1)
+                from_t = torch.multinomial(t_lp_BV.exp(), 1).squeeze(-1)
+                token_B = torch.where(use_teacher_B, from_t, from_s)
+                mix_BV = torch.logaddexp(s_lp_BV + math.log1p(-mixture_alpha), t_lp_BV + math.log(mixture_alpha)) \
+                    if 0.0 < mixture_alpha < 1.0 else (t_lp_BV if mixture_alpha >= 1.0 else s_lp_BV)
+                token_lp_B = mix_BV.gather(-1, token_B[:, None]).squeeze(-1)
+            else:
+                proposal_B = torch.multinomial(s_lp_BV.exp(), 1).squeeze(-1)
+                top_ids_BK = t_lp_BV.topk(min(accept_top_k, vocab), dim=-1).indices
+                in_top_BV = torch.zeros_like(s_lp_BV, dtype=torch.bool).scatter_(-1, top_ids_BK, True)
+                accepted_B = in_top_BV.gather(-1, proposal_B[:, None]).squeeze(-1)
+                replacement_B = torch.multinomial(t_lp_BV.exp(), 1).squeeze(-1)
+                token_B = torch.where(accepted_B, proposal_B, replacement_B)
+                use_teacher_B = ~accepted_B
+                # P(y) = q(y) [y in top-K] + (1 - q(top-K)) p(y): the law of the interleaved token.
+                q_BV = s_lp_BV.exp()
+                rejected_mass_B = 1.0 - (q_BV * in_top_BV).sum(-1)
+                law_BV = q_BV * in_top_BV + rejected_mass_B.clamp(min=0.0)[:, None] * t_lp_BV.exp()
+                token_lp_B = law_BV.gather(-1, token_B[:, None]).squeeze(-1).clamp(min=1e-30).log()
+            active_B = ~finished_B
+            from_teacher += float((use_teacher_B & active_B).sum().item())
+            counted += float(active_B.sum().item())
+            token_B = torch.where(finished_B, torch.full_like(token_B, tokenizer.pad_token_id), token_B)
+            tokens.append(token_B)
+            logprobs.append(token_lp_B)
+            finished_B = finished_B | torch.isin(token_B, eos_t)
+            if bool(finished_B.all()):
+                break
+            s_dec.feed(token_B)
+            t_dec.feed(token_B)
+    finally:
+        student.train(was_training)
+    tokens_BC = torch.stack(tokens, dim=1).tolist()
+    logprobs_BC = torch.stack(logprobs, dim=1).tolist()
+    completions = [truncate_at_eos(seq, set(eos_ids)) for seq in tokens_BC]
+    sampler_lps = [lps[: len(seq)] for lps, seq in zip(logprobs_BC, completions)]
+    return completions, sampler_lps, {"rollout/teacher_token_fraction": from_teacher / max(counted, 1.0)}
+
+
 class BehaviourPolicy:
     """Decides, per sample, who writes each response, and produces the batch."""
 
@@ -185,16 +327,38 @@ class BehaviourPolicy:
             vocab_size=vocab_size,
         )
 
-    def rollout(self, student: torch.nn.Module, examples: list[Example]) -> tuple[SequenceBatch, dict[str, float]]:
+    def rollout(
+        self, student: torch.nn.Module, prompts: list[Example], on_policy_fraction: float | None = None
+    ) -> tuple[SequenceBatch, dict[str, float]]:
+        """Write one micro-batch; ``on_policy_fraction`` overrides the configured lambda."""
+        fraction = self.cfg.on_policy_fraction if on_policy_fraction is None else on_policy_fraction
+        # Each prompt is answered samples_per_prompt times (GRPO-style groups for outcome rewards).
+        repeats = self.cfg.samples_per_prompt
+        examples = [example for example in prompts for _ in range(repeats)]
         # One uniform draw per sample from the global (seeded, checkpointed) RNG.
         coins = torch.rand(len(examples))
-        on_policy = (coins < self.cfg.on_policy_fraction).tolist()
+        on_policy = (coins < fraction).tolist()
         completions: list[list[int] | None] = [None] * len(examples)
         timings: dict[str, float] = {}
 
         student_idx = [i for i, flag in enumerate(on_policy) if flag]
         off_idx = [i for i, flag in enumerate(on_policy) if not flag]
-        if student_idx:
+        sampler_lps: list[list[float] | None] | None = None
+        if student_idx and self.cfg.sampler != "student":
+            if self.teacher is None or not hasattr(self.teacher, "model"):
+                raise DataError(f"rollout.sampler={self.cfg.sampler} needs a local teacher model")
+            start = time.perf_counter()
+            outs, lps, co_metrics = co_generate(
+                student, self.teacher.model, [examples[i].prompt_ids for i in student_idx], self.params,
+                self.tokenizer, rule=self.cfg.sampler, mixture_alpha=self.cfg.mixture_alpha,
+                accept_top_k=self.cfg.speculative_top_k,
+            )
+            timings["perf/generate_student_s"] = time.perf_counter() - start
+            timings.update(co_metrics)
+            sampler_lps = [None] * len(examples)
+            for i, seq, lp in zip(student_idx, outs, lps):
+                completions[i], sampler_lps[i] = seq, lp
+        elif student_idx:
             start = time.perf_counter()
             outs = hf_generate(student, [examples[i].prompt_ids for i in student_idx], self.params, self.tokenizer)
             timings["perf/generate_student_s"] = time.perf_counter() - start
@@ -224,7 +388,10 @@ class BehaviourPolicy:
             [c or [] for c in completions],
             self.tokenizer.pad_token_id,
             on_policy,
+            sampler_lps,
         )
+        batch.examples = examples
+        batch.group_B = torch.arange(len(prompts)).repeat_interleave(repeats)
         stops = set(stop_token_ids(student, self.tokenizer))
         ended = [bool(c) and c[-1] in stops for c in completions]
         metrics = {
@@ -235,3 +402,70 @@ class BehaviourPolicy:
             **timings,
         }
         return batch, metrics
+
+
+class AdaptiveOffPolicy:
+    """DistiLLM's adaptive off-policy schedule (arXiv 2402.03898, Sec. 4.2 and its code).
+
+    ``phi`` (probability of training on student-generated outputs) starts at ``init`` and
+    rises by ``increment`` whenever the validation loss is at least ``loss_eps`` above the
+    last recorded value. Each step draws ``r ~ U(0, 1)`` and, with ``phi_t = phi (1 - step/total)``:
+
+    - ``r < phi_t`` (or ``r < phi`` while the replay buffer is still filling): fresh student
+      samples, which also enter the FIFO replay buffer;
+    - else ``r < phi``: a batch drawn uniformly from the replay buffer (off-policy reuse of
+      earlier student samples — cheaper than generating);
+    - else: the dataset's reference answers.
+    """
+
+    def __init__(self, cfg: RolloutConfig) -> None:
+        self.phi = cfg.adaptive_init
+        self.increment = cfg.adaptive_increment
+        self.loss_eps = cfg.adaptive_loss_eps
+        self.capacity = cfg.replay_buffer_size
+        self.last_loss: float | None = None
+        self.buffer: list[tuple[list[int], list[int]]] = []
+
+    def choose(self, step: int, total_steps: int) -> str:
+        r = float(torch.rand(()))
+        phi_t = self.phi * (1.0 - (step - 1) / max(1, total_steps))
+        if r < phi_t or (r < self.phi and len(self.buffer) < self.capacity):
+            return "student"
+        if r < self.phi and self.buffer:
+            return "replay"
+        return "dataset"
+
+    def record(self, batch: SequenceBatch) -> None:
+        """Push the student-written sequences of ``batch`` into the FIFO buffer."""
+        for i in range(batch.input_ids_BT.shape[0]):
+            if not bool(batch.on_policy_B[i]):
+                continue
+            prompt = batch.input_ids_BT[i, : batch.prompt_len][batch.attention_mask_BT[i, : batch.prompt_len].bool()]
+            length = int(batch.completion_mask_BC[i].sum().item())
+            completion = batch.completion_ids_BC[i, :length]
+            self.buffer.append((prompt.tolist(), completion.tolist()))
+        del self.buffer[: max(0, len(self.buffer) - self.capacity)]
+
+    def replay(self, batch_size: int, pad_id: int) -> SequenceBatch:
+        picks = torch.randperm(len(self.buffer))[: batch_size].tolist()
+        prompts = [self.buffer[i][0] for i in picks]
+        completions = [self.buffer[i][1] for i in picks]
+        return build_batch(prompts, completions, pad_id, [False] * len(picks))
+
+    def update(self, validation_loss: float) -> bool:
+        """Raise phi if validation loss worsened; returns whether it rose."""
+        if self.last_loss is None:
+            self.last_loss = validation_loss
+            return False
+        if validation_loss >= self.last_loss + self.loss_eps and self.phi < 1.0:
+            self.phi = min(1.0, self.phi + self.increment)
+            self.last_loss = validation_loss
+            return True
+        return False
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"phi": self.phi, "last_loss": self.last_loss, "buffer": self.buffer}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.phi, self.last_loss = state["phi"], state["last_loss"]
+        self.buffer = [(list(p), list(c)) for p, c in state["buffer"]]

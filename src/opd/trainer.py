@@ -33,15 +33,16 @@ import torch
 import yaml
 
 from opd import checkpoint as ckpt
+from opd import divergences, objectives
 from opd.config import RunConfig, dump_config
 from opd.data import Example, load_examples
 from opd.errors import OpdError, RunDirError
-from opd.eval import evaluate, resolve_first_error, resolve_scorer
+from opd.eval import evaluate, reference_nll, resolve_first_error, resolve_scorer
 from opd.metrics import MetricsLogger
 from opd.models import completion_logits, load_causal_lm, load_tokenizer, shared_vocab_size
-from opd.objectives import sampled_token_pg, sequence_nll, token_divergence, token_logprobs
-from opd.rollout import BehaviourPolicy, SamplingParams
+from opd.rollout import AdaptiveOffPolicy, BehaviourPolicy, SamplingParams, SequenceBatch
 from opd.teachers import LocalTeacher
+from opd.verifiers import batch_rewards, resolve_verifier
 
 # Keys that may change between a run and its resume without breaking exactness
 # (train.steps may too, with a warning: the LR schedule stretches to the new length).
@@ -58,6 +59,9 @@ class TrainResult:
     steps: int
     final_eval: dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0
+    # cumulative compute of this invocation: student_generated_tokens, teacher_scored_tokens,
+    # teacher_generated_tokens (global, all processes)
+    counters: dict[str, float] = field(default_factory=dict)
 
 
 def lr_lambda_factory(cfg: Any, total_steps: int) -> Any:
@@ -198,7 +202,15 @@ def train(config: RunConfig, *, resume: bool = False, log: Any = print) -> Train
                              trust_remote_code=config.model.trust_remote_code)
     teacher = LocalTeacher.from_config(config.teacher, tokenizer) if config.teacher.model else None
     vocab_size = shared_vocab_size(tokenizer, student, *([teacher.model] if teacher else []))
-    need_answers = config.rollout.on_policy_fraction < 1.0 and config.rollout.off_policy_source == "dataset"
+    need_answers = (config.rollout.on_policy_fraction < 1.0 and config.rollout.off_policy_source == "dataset") or (
+        config.loss.objective == "kdrl")
+    verifier = resolve_verifier(config.loss.verifier) if config.loss.objective == "kdrl" else None
+    # G-OPD/ExOPD's reward needs the initial student as a frozen reference policy.
+    reference = None
+    if config.loss.reward_scale != 1.0:
+        reference = LocalTeacher(load_causal_lm(config.model.student, dtype=config.model.dtype,
+                                                trust_remote_code=config.model.trust_remote_code),
+                                 tokenizer, name="reference")
     train_examples, report = load_examples(config.data.train, config.data, tokenizer,
                                            limit=config.data.max_train_examples, need_answers=need_answers)
     eval_examples: list[Example] = []
@@ -214,6 +226,9 @@ def train(config: RunConfig, *, resume: bool = False, log: Any = print) -> Train
     if (config.rollout.top_p < 1.0 or config.rollout.top_k > 0) and is_main:
         warnings.warn("rollout.top_p / top_k filter the student's samples, but the token-level loss compares "
                       "the full temperature-scaled distributions", stacklevel=2)
+    for label, k in (("teacher.top_k", config.teacher.top_k), ("loss.entropy_top_k", config.loss.entropy_top_k)):
+        if k is not None and k > vocab_size:
+            raise OpdError(f"{label}={k} exceeds the vocabulary ({vocab_size} tokens); lower it")
     max_positions = getattr(student.config, "max_position_embeddings", None)
     longest = max(len(e.prompt_ids) for e in train_examples) + config.rollout.max_new_tokens
     if max_positions and longest > max_positions:
@@ -224,8 +239,9 @@ def train(config: RunConfig, *, resume: bool = False, log: Any = print) -> Train
     accelerator.wait_for_everyone()
 
     student.to(accelerator.device)
-    if teacher is not None:
-        teacher.model.to(accelerator.device)
+    for frozen in (teacher, reference):
+        if frozen is not None:
+            frozen.model.to(accelerator.device)
     # Dropout stays off: the policy that is scored must be the one that sampled the tokens.
     student.eval()
     optimizer = torch.optim.AdamW(student.parameters(), lr=config.optim.lr, betas=config.optim.betas,
@@ -235,6 +251,7 @@ def train(config: RunConfig, *, resume: bool = False, log: Any = print) -> Train
 
     stream = ExampleStream(train_examples, config.train.seed, accelerator.process_index, accelerator.num_processes)
     policy = BehaviourPolicy(config.rollout, config.temperature, tokenizer, teacher, vocab_size)
+    adaptive = AdaptiveOffPolicy(config.rollout) if config.rollout.adaptive_off_policy else None
     scorer = resolve_scorer(config.eval.scorer)
     first_error = resolve_first_error(config.eval.first_error)
     start_step = 0
@@ -244,6 +261,8 @@ def train(config: RunConfig, *, resume: bool = False, log: Any = print) -> Train
             state = ckpt.load_checkpoint(found[-1], accelerator.unwrap_model(model), optimizer, scheduler,
                                          rank=accelerator.process_index)
             start_step, stream.position = state["step"], state["data_position"]
+            if adaptive is not None:
+                adaptive.load_state_dict(state["adaptive_off_policy"])
             if is_main:
                 log(f"resumed from {found[-1]} at step {start_step}")
         elif is_main:
@@ -276,21 +295,47 @@ def train(config: RunConfig, *, resume: bool = False, log: Any = print) -> Train
     last_eval: dict[str, Any] = {}
     nonfinite_in_a_row = 0
     skipped_total = 0
+    counters = {"student_generated_tokens": 0.0, "teacher_scored_tokens": 0.0, "teacher_generated_tokens": 0.0}
+    teacher_writes_off_policy = config.rollout.off_policy_source == "teacher"
+    co_sampling = float(config.rollout.sampler != "student")  # the teacher decodes every on-policy token
     for step in range(start_step + 1, config.train.steps + 1):
         step_start = time.perf_counter()
         unwrapped = accelerator.unwrap_model(model)
         policy.params.max_new_tokens = rollout_length(config.rollout, step, config.train.steps)
         micro_batches, rollout_metrics = [], []
+        source = adaptive.choose(step, config.train.steps) if adaptive is not None else None
         for _ in range(config.train.grad_accum):
-            batch, metrics = policy.rollout(unwrapped, stream.next(config.train.batch_size))
+            prompts = stream.next(config.train.batch_size)
+            if source == "replay":
+                batch = adaptive.replay(config.train.batch_size, tokenizer.pad_token_id)
+                metrics = {"rollout/on_policy_fraction": 0.0}
+            else:
+                batch, metrics = policy.rollout(unwrapped, prompts,
+                                                None if source is None else float(source == "student"))
+                if source == "student":
+                    adaptive.record(batch)
+            if adaptive is not None:
+                metrics.update({"rollout/adaptive_phi": adaptive.phi,
+                                "rollout/replay_fraction": float(source == "replay"),
+                                "rollout/replay_buffer": float(len(adaptive.buffer))})
             micro_batches.append(batch)
             rollout_metrics.append(metrics)
         rollout_s = time.perf_counter() - step_start
 
-        local_tokens = torch.tensor(float(sum(b.num_tokens for b in micro_batches)), device=accelerator.device)
-        step_tokens = float(accelerator.reduce(local_tokens, reduction="sum").item())
+        local_counts = torch.tensor([
+            float(sum(b.num_tokens for b in micro_batches)),
+            float(sum((b.completion_mask_BC.sum(-1) * b.on_policy_B).sum().item() for b in micro_batches)),
+            float(sum((b.completion_mask_BC.sum(-1) * (~b.on_policy_B if teacher_writes_off_policy
+                                                      else b.on_policy_B * co_sampling)).sum().item()
+                      for b in micro_batches)),
+        ], device=accelerator.device)
+        step_tokens, generated, teacher_generated = accelerator.reduce(local_counts, reduction="sum").tolist()
+        counters["student_generated_tokens"] += generated
+        counters["teacher_scored_tokens"] += step_tokens if config.loss.objective != "nll" else 0.0
+        counters["teacher_generated_tokens"] += teacher_generated
 
         step_loss, teacher_s, student_s = 0.0, 0.0, 0.0
+        loss_sums: dict[str, float] = {}
         for index, batch in enumerate(micro_batches):
             is_last = index == len(micro_batches) - 1
             sync = contextlib.nullcontext() if is_last else accelerator.no_sync(model)
@@ -298,34 +343,17 @@ def train(config: RunConfig, *, resume: bool = False, log: Any = print) -> Train
                 t0 = time.perf_counter()
                 input_ids = batch.input_ids_BT.to(accelerator.device)
                 attention = batch.attention_mask_BT.to(accelerator.device)
-                mask = batch.completion_mask_BC.to(accelerator.device)
-                teacher_logits = None
-                if config.loss.objective in ("divergence", "sampled_token_pg"):
-                    teacher_logits = teacher.score(batch)
+                with torch.no_grad():
+                    teacher_logits = teacher.score(batch).to(accelerator.device) if config.loss.objective != "nll" \
+                        else None
                 t1 = time.perf_counter()
                 student_logits = completion_logits(model, input_ids, attention, batch.completion_len)
-                if config.loss.objective == "divergence":
-                    loss, loss_metrics = token_divergence(
-                        student_logits, teacher_logits, mask, kind=config.loss.divergence, num_tokens=step_tokens,
-                        beta=config.loss.beta, alpha=config.loss.alpha, temperature=config.temperature,
-                        chunk_size=config.loss.chunk_size, vocab_size=vocab_size,
-                    )
-                elif config.loss.objective == "sampled_token_pg":
-                    ids = batch.completion_ids_BC.to(accelerator.device)
-                    with torch.no_grad():
-                        teacher_lp = token_logprobs(teacher_logits.to(accelerator.device), ids,
-                                                    temperature=config.temperature, vocab_size=vocab_size)
-                    loss, loss_metrics = sampled_token_pg(
-                        student_logits, teacher_lp, ids, mask, num_tokens=step_tokens,
-                        estimator=config.loss.estimator, gamma=config.loss.gamma, temperature=config.temperature,
-                        vocab_size=vocab_size, chunk_size=config.loss.chunk_size,
-                    )
-                else:
-                    loss, loss_metrics = sequence_nll(
-                        student_logits, batch.completion_ids_BC.to(accelerator.device), mask,
-                        num_tokens=step_tokens, temperature=config.temperature, chunk_size=config.loss.chunk_size,
-                        vocab_size=vocab_size,
-                    )
+                loss, loss_metrics = micro_batch_loss(
+                    config, batch, student_logits, teacher_logits, step=step, num_tokens=step_tokens,
+                    vocab_size=vocab_size, tokenizer=tokenizer, verifier=verifier, reference=reference,
+                )
+                for key, value in loss_metrics.items():
+                    loss_sums[key] = loss_sums.get(key, 0.0) + value
                 accelerator.backward(loss * world)
                 teacher_s += t1 - t0
                 student_s += time.perf_counter() - t1
@@ -371,20 +399,41 @@ def train(config: RunConfig, *, resume: bool = False, log: Any = print) -> Train
                 "perf/teacher_s": teacher_s,
                 "perf/student_s": student_s,
                 "perf/tokens_per_s": tokens_per_s,
+                **{f"compute/{key}": value for key, value in counters.items()},
             }
             row["train/grad_norm"] = grad_norm
+            # Loss-side sums (e.g. loss/divergence_sum) become per-token means over the global step.
+            for key in sorted(loss_sums):
+                total = float(accelerator.reduce(torch.tensor(loss_sums[key], device=accelerator.device),
+                                                 "sum").item())
+                if key.endswith("_sum"):
+                    row[key[: -len("_sum")] + "_mean"] = total / max(step_tokens, 1.0)
+                elif key != "loss/tokens":
+                    row[key] = total / (world * len(micro_batches))  # a mean over micro-batches
             for key in sorted({k for m in rollout_metrics for k in m}):
                 local = sum(m.get(key, 0.0) for m in rollout_metrics) / len(rollout_metrics)
                 row[key] = float(accelerator.reduce(torch.tensor(local, device=accelerator.device), "mean").item())
             metrics_log.log(step, row)
 
+        if adaptive is not None and step % config.train.eval_every == 0:
+            with torch.no_grad():
+                val_loss = reference_nll(accelerator.unwrap_model(model), tokenizer, eval_examples,
+                                         temperature=config.temperature, vocab_size=vocab_size,
+                                         batch_size=config.eval.batch_size)
+            rose = adaptive.update(val_loss)
+            metrics_log.log(step, {"eval/reference_nll": val_loss, "rollout/adaptive_phi": adaptive.phi})
+            if rose and is_main:
+                bar.write(f"step {step}: validation loss {val_loss:.4f} rose; student-sample probability -> "
+                          f"{adaptive.phi:.2f}")
         if config.train.eval_every and step % config.train.eval_every == 0 and step != config.train.steps:
             last_eval = run_eval(step)
             if is_main and last_eval:
                 bar.write(_eval_line(step, last_eval))
         if config.train.save_every and step % config.train.save_every == 0:
             ckpt.save_checkpoint(run_dir, step, accelerator.unwrap_model(model), optimizer, scheduler,
-                                 {"data_position": stream.position}, config.train.keep_checkpoints,
+                                 {"data_position": stream.position,
+                                  **({"adaptive_off_policy": adaptive.state_dict()} if adaptive else {})},
+                                 config.train.keep_checkpoints,
                                  rank=accelerator.process_index, barrier=accelerator.wait_for_everyone)
         accelerator.wait_for_everyone()
     bar.close()
@@ -405,7 +454,100 @@ def train(config: RunConfig, *, resume: bool = False, log: Any = print) -> Train
             log(_eval_line(config.train.steps, last_eval))
     metrics_log.close()
     accelerator.wait_for_everyone()
-    return TrainResult(run_dir, final_dir, config.train.steps, last_eval, time.perf_counter() - started)
+    return TrainResult(run_dir, final_dir, config.train.steps, last_eval, time.perf_counter() - started,
+                       counters)
+
+
+def kd_coef_at(cfg: Any, step: int) -> float:
+    """KDRL's linearly annealed KD weight: ``max(kd_coef - kd_coef_decay * (step - 1), kd_coef_min)``."""
+    if cfg.kd_coef_decay == 0.0:
+        return cfg.kd_coef
+    return max(cfg.kd_coef - cfg.kd_coef_decay * (step - 1), min(cfg.kd_coef_min, cfg.kd_coef))
+
+
+def micro_batch_loss(
+    config: RunConfig,
+    batch: SequenceBatch,
+    student_logits_BCV: torch.Tensor,
+    teacher_logits_BCV: torch.Tensor | None,
+    *,
+    step: int,
+    num_tokens: float,
+    vocab_size: int,
+    tokenizer: Any = None,
+    verifier: Any = None,
+    reference: Any = None,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """The configured objective on one micro-batch: the one place a recipe's loss is assembled."""
+    loss_cfg, temperature = config.loss, config.temperature
+    device = student_logits_BCV.device
+    mask_BC = batch.completion_mask_BC.to(device)
+    ids_BC = batch.completion_ids_BC.to(device)
+    sampler_BC = batch.sampler_logprobs_BC.to(device) if batch.sampler_logprobs_BC is not None else None
+    common = {"temperature": temperature, "vocab_size": vocab_size, "chunk_size": loss_cfg.chunk_size}
+    metrics: dict[str, float] = {}
+    if loss_cfg.objective == "nll":
+        return objectives.sequence_nll(student_logits_BCV, ids_BC, mask_BC, num_tokens=num_tokens, **common)
+    assert teacher_logits_BCV is not None
+    if loss_cfg.objective == "divergence" and config.teacher.top_k is not None:
+        top_lp, top_ids = divergences.teacher_topk(teacher_logits_BCV, config.teacher.top_k, mask_BC.bool(),
+                                                   **common)
+        loss, metrics = objectives.topk_divergence(
+            student_logits_BCV, top_lp, top_ids, mask_BC, kind=loss_cfg.divergence, num_tokens=num_tokens,
+            support=loss_cfg.topk_support, beta=loss_cfg.beta, alpha=loss_cfg.alpha, **common,
+        )
+    elif loss_cfg.objective == "divergence":
+        loss, metrics = objectives.token_divergence(
+            student_logits_BCV, teacher_logits_BCV, mask_BC, kind=loss_cfg.divergence, num_tokens=num_tokens,
+            beta=loss_cfg.beta, alpha=loss_cfg.alpha, **common,
+        )
+    elif loss_cfg.objective == "minillm":
+        loss, metrics = objectives.minillm(
+            student_logits_BCV, teacher_logits_BCV, ids_BC, mask_BC, num_tokens=num_tokens,
+            sampler_logprobs_BC=sampler_BC, clip_eps=loss_cfg.clip_eps, gamma=1.0 if loss_cfg.gamma == 0.0
+            else loss_cfg.gamma, **common,
+        )
+    else:
+        with torch.no_grad():
+            teacher_lp_BC = objectives.token_logprobs(teacher_logits_BCV, ids_BC, **common)
+        if loss_cfg.objective == "sampled_token_pg":
+            reference_lp_BC = None
+            if reference is not None:
+                with torch.no_grad():
+                    reference_lp_BC = objectives.token_logprobs(reference.score(batch).to(device), ids_BC, **common)
+            loss, metrics = objectives.sampled_token_pg(
+                student_logits_BCV, teacher_lp_BC, ids_BC, mask_BC, num_tokens=num_tokens,
+                estimator=loss_cfg.estimator, gamma=loss_cfg.gamma, sampler_logprobs_BC=sampler_BC,
+                reward_scale=loss_cfg.reward_scale, reference_logprobs_BC=reference_lp_BC, **common,
+            )
+        else:  # kdrl
+            assert batch.examples is not None and batch.group_B is not None
+            texts = tokenizer.batch_decode(
+                [ids_BC[i, : int(mask_BC[i].sum())].tolist() for i in range(ids_BC.shape[0])],
+                skip_special_tokens=True,
+            )
+            rewards_B = torch.tensor(
+                batch_rewards(verifier, [e.prompt for e in batch.examples], texts,
+                              [e.answer for e in batch.examples]), dtype=torch.float32, device=device,
+            )
+            advantages_B = objectives.group_advantages(rewards_B, batch.group_B.to(device))
+            kd_mask_B = (rewards_B < 1.0).float() if loss_cfg.kd_mask_correct else None
+            coef = kd_coef_at(loss_cfg, step)
+            loss, metrics = objectives.kdrl(
+                student_logits_BCV, teacher_lp_BC, ids_BC, mask_BC, advantages_B, num_tokens=num_tokens,
+                kd_coef=coef, kd_estimator=loss_cfg.kd_estimator, kd_mask_B=kd_mask_B,
+                sampler_logprobs_BC=sampler_BC, **common,
+            )
+            metrics["reward/outcome"] = float(rewards_B.mean().item())
+            metrics["loss/kd_coef"] = coef
+    if loss_cfg.entropy_threshold is not None:
+        extra, extra_metrics = objectives.entropy_gated_forward_kl(
+            student_logits_BCV, teacher_logits_BCV, mask_BC, num_tokens=num_tokens,
+            threshold=loss_cfg.entropy_threshold, top_k=loss_cfg.entropy_top_k, **common,
+        )
+        loss = loss + loss_cfg.entropy_coef * extra
+        metrics.update(extra_metrics)
+    return loss, metrics
 
 
 def _eval_line(step: int, results: dict[str, Any]) -> str:
