@@ -215,8 +215,9 @@ class EvalConfig(_Section):
     sampled: bool = Field(True, description="Also score temperature-`temperature` samples, not only greedy.")
     scorer: str = Field(
         "exact_match",
-        description="`exact_match` (whitespace-normalised) or `module:function` taking (prompt, completion, "
-        "reference) and returning bool.",
+        description="A verifier (see opd.verifiers): `exact_match` (whitespace-normalised), `numeric[:abs_tol=..]`, "
+        "`math_verify`, or `module:function` taking (prompt, completion, reference) and returning bool/float "
+        "(correct = 1).",
     )
     first_error: str = Field(
         "reference",

@@ -56,7 +56,15 @@ def _resolve(spec: str, builtin: dict[str, Callable[..., Any]], what: str) -> Ca
 
 
 def resolve_scorer(spec: str) -> Scorer:
-    return _resolve(spec, {"exact_match": exact_match}, "scorer")
+    """Any verifier of :mod:`opd.verifiers` (exact_match, numeric, math_verify, module:function);
+    a completion counts as correct when its reward is 1."""
+    from opd.verifiers import resolve_verifier
+
+    try:
+        verifier = resolve_verifier(spec)
+    except ConfigError as exc:
+        raise ConfigError(f"eval.scorer: {exc}") from None
+    return lambda prompt, completion, reference: float(verifier(prompt, completion, reference)) >= 1.0
 
 
 def resolve_first_error(spec: str) -> FirstError:
