@@ -31,6 +31,7 @@ thread each, as ``opd demo`` does.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import sys
@@ -189,7 +190,10 @@ def _run_seed(seed: int, out_dir: Path, settings: DemoSettings, recipes: list[st
         t0 = time.perf_counter()
         try:
             config = build_recipe_config(recipe, base_dir, data_dir, seed_dir / recipe, seed, settings)
-            result = train(config, log=lambda *_: None)
+            # The trainer still prints in-training eval lines (DistiLLM's eval_every) with progress off;
+            # keep them, unlabelled by seed, out of the console.
+            with open(seed_dir / f"{recipe}.log", "w") as handle, contextlib.redirect_stdout(handle):
+                result = train(config, log=print)
             row: dict[str, Any] = {**_summary(result.final_eval), **{k: result.counters.get(k) for k in COUNTERS}}
         except Exception as exc:  # one recipe failing must not stop the benchmark
             traceback.print_exc()

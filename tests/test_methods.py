@@ -416,3 +416,25 @@ def test_recipe_combinations_are_validated():
     for recipe, extra, message in cases:
         with pytest.raises(ConfigError, match=message):
             load_config(recipe, base + extra)
+
+
+def test_all_masked_batches_give_zero_loss_and_finite_zero_gradient():
+    student, teacher, ids, mask = _setup()
+    none = torch.zeros_like(mask)
+    t_lp = objectives.token_logprobs(teacher, ids)
+    sampler = t_lp.clone()
+    losses = {
+        "minillm": objectives.minillm(student, teacher, ids, none, num_tokens=0, sampler_logprobs_BC=sampler)[0],
+        "kdrl": objectives.kdrl(student, t_lp, ids, none, torch.ones(2, dtype=torch.float64), num_tokens=0,
+                                kd_coef=0.1)[0],
+        "exopd": objectives.sampled_token_pg(student, t_lp, ids, none, num_tokens=0, reward_scale=1.25,
+                                             reference_logprobs_BC=sampler)[0],
+        "entropy": objectives.entropy_gated_forward_kl(student, teacher, none, num_tokens=0, threshold=0.0,
+                                                      top_k=3)[0],
+        "topk": objectives.topk_divergence(student, *divergences.teacher_topk(teacher, 3), none,
+                                           kind="reverse_kl", num_tokens=0, support="renormalize")[0],
+    }
+    for name, loss in losses.items():
+        (grad,) = torch.autograd.grad(loss, student, allow_unused=True)
+        assert loss.item() == 0.0, name
+        assert grad is None or (torch.isfinite(grad).all() and torch.all(grad == 0)), name
