@@ -91,16 +91,26 @@ def test_exact_resume(tiny_setup, tmp_path, recipe):
     assert [r["loss/total"] for r in before] == [r["loss/total"] for r in after]
 
 
-def test_corrupt_checkpoint_gives_one_line_error(tiny_setup, tmp_path, capsys):
+def test_corrupt_checkpoint_falls_back_then_fails_in_one_line(tiny_setup, tmp_path, capsys):
     out = tmp_path / "corrupt"
     args = ["train", "on_policy_rkl", *base_overrides(tiny_setup, out, **{
         "train.steps": 2, "train.save_every": 1, "data.eval": "null"})]
     assert main(args) == 0
+    reference = _weights(out / "final")
+    # the newest checkpoint is damaged: resume verifies checksums and falls back to step 1
     (out / "checkpoints" / "step-00000002" / "model.safetensors").write_bytes(b"garbage")
+    with pytest.warns(UserWarning, match="does not match its checksum"):
+        assert main([*args, "--resume"]) == 0
+    assert "resumed from" in capsys.readouterr().out
+    after = _weights(out / "final")
+    assert all(torch.equal(reference[k], after[k]) for k in reference)  # step 2 redone exactly
+    # every checkpoint damaged: one line, exit 2, nothing loaded
+    for folder in (out / "checkpoints").iterdir():
+        (folder / "optimizer.pt").write_bytes(b"x")
     capsys.readouterr()
     assert main([*args, "--resume"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("opd: error: cannot resume from") and len(err.splitlines()) == 1
+    assert "failed its checksum" in err and len(err.splitlines()) == 1
 
 
 def test_failed_start_leaves_the_run_dir_reusable(tiny_setup, tmp_path, capsys):

@@ -8,13 +8,17 @@ Layout of ``RUN/checkpoints/step-00000010/``::
     rng-rank{R}.safetensors   torch CPU (and CUDA) generator states of process R
     rng-rank{R}.json          python / numpy RNG states of process R
     state.json          step, data position
+    checksums.json      SHA-256 of every file above, verified before anything is loaded
 
 A checkpoint is written into a temporary directory and renamed into place, so a
-crash leaves either the complete previous checkpoint or the complete new one.
+crash leaves either the complete previous checkpoint or the complete new one; the
+checksums catch what renaming cannot (a disk that corrupted a file after the fact, a
+copy that was cut short). Resuming skips a corrupted checkpoint for the previous one.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -71,6 +75,49 @@ def commit_dir(tmp: Path, final: Path) -> None:
     else:
         os.rename(tmp, final)
     _fsync_dir(final.parent)
+
+
+CHECKSUMS = "checksums.json"
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_checksums(folder: Path) -> None:
+    sums = {f.name: _sha256(f) for f in sorted(folder.iterdir()) if f.is_file() and f.name != CHECKSUMS}
+    (folder / CHECKSUMS).write_text(json.dumps(sums, indent=1))
+
+
+def verify_checksums(folder: Path) -> None:
+    """Raise :class:`RunDirError` naming the first missing or altered file."""
+    try:
+        sums = json.loads((folder / CHECKSUMS).read_text())
+    except (OSError, ValueError):
+        raise RunDirError(f"checkpoint {folder} has no readable {CHECKSUMS}") from None
+    for name, expected in sums.items():
+        path = folder / name
+        if not path.is_file():
+            raise RunDirError(f"checkpoint {folder} is incomplete: {name} is missing")
+        if _sha256(path) != expected:
+            raise RunDirError(f"checkpoint {folder} is corrupted: {name} does not match its checksum")
+
+
+def clean_stale(run_dir: Path) -> list[Path]:
+    """Remove temporary directories a killed run left behind (never a committed checkpoint)."""
+    removed = []
+    for parent in (run_dir, run_dir / "checkpoints"):
+        if not parent.is_dir():
+            continue
+        for path in parent.iterdir():
+            if path.is_dir() and path.name.startswith((".tmp-", ".old-")):
+                shutil.rmtree(path, ignore_errors=True)
+                removed.append(path)
+    return removed
 
 
 def _rng_state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -130,11 +177,18 @@ def save_checkpoint(
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         (tmp / "state.json").write_text(json.dumps({"step": step, **trainer_state}))
+        write_checksums(tmp)
         commit_dir(tmp, final)
-        for old in list_checkpoints(run_dir)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+        prune(run_dir, keep)
     barrier()
     return final
+
+
+def prune(run_dir: Path, keep: int) -> None:
+    """Keep the newest ``keep`` checkpoints. Runs after the new one is committed, so a kill in
+    between leaves one extra checkpoint (removed by the next save or resume), never one too few."""
+    for old in list_checkpoints(run_dir)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:
@@ -148,7 +202,11 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
 def load_checkpoint(
     path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, *, rank: int = 0
 ) -> dict[str, Any]:
-    """Restore weights, optimizer, scheduler and this process's RNG; returns step and data position."""
+    """Restore weights, optimizer, scheduler and this process's RNG; returns step and data position.
+
+    The checksums are verified first, so a corrupted checkpoint raises before anything is changed.
+    """
+    verify_checksums(path)
     try:
         state = json.loads((path / "state.json").read_text())
         missing, unexpected = load_model(model, str(path / "model.safetensors"), strict=False)

@@ -256,16 +256,31 @@ def train(config: RunConfig, *, resume: bool = False, log: Any = print) -> Train
     first_error = resolve_first_error(config.eval.first_error)
     start_step = 0
     if resume:
+        if is_main:
+            ckpt.clean_stale(run_dir)
+            ckpt.prune(run_dir, config.train.keep_checkpoints)
+        accelerator.wait_for_everyone()
         found = ckpt.list_checkpoints(run_dir)
-        if found:
-            state = ckpt.load_checkpoint(found[-1], accelerator.unwrap_model(model), optimizer, scheduler,
+        state = None
+        for candidate in reversed(found):
+            try:
+                ckpt.verify_checksums(candidate)
+            except RunDirError as exc:
+                if is_main:
+                    warnings.warn(f"{exc}; trying the previous checkpoint", stacklevel=2)
+                continue
+            state = ckpt.load_checkpoint(candidate, accelerator.unwrap_model(model), optimizer, scheduler,
                                          rank=accelerator.process_index)
             start_step, stream.position = state["step"], state["data_position"]
             if adaptive is not None:
                 adaptive.load_state_dict(state["adaptive_off_policy"])
             if is_main:
-                log(f"resumed from {found[-1]} at step {start_step}")
-        elif is_main:
+                log(f"resumed from {candidate} at step {start_step}")
+            break
+        if state is None and found:
+            raise RunDirError(f"every checkpoint in {run_dir / 'checkpoints'} failed its checksum; "
+                              "nothing to resume from")
+        if state is None and is_main:
             log(f"no checkpoint in {run_dir}; starting from step 0")
     metrics_log = MetricsLogger(run_dir, tensorboard=config.train.tensorboard, enabled=is_main,
                                 resume_step=start_step if resume else None)
