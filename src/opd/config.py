@@ -134,7 +134,8 @@ class LossConfig(_Section):
         "k1", description="Single-sample reverse-KL estimator whose negative is the reward (sampled_token_pg)."
     )
     gamma: float = Field(
-        0.0, ge=0.0, le=1.0, description="Discount of rewards into returns (sampled_token_pg; minillm uses 1)."
+        0.0, ge=0.0, le=1.0, description="Discount of rewards into returns (sampled_token_pg, minillm; the "
+        "minillm recipe sets 1)."
     )
     clip_eps: float = Field(0.2, gt=0.0, description="PPO ratio clipping of the minillm long-term term.")
     reward_scale: float = Field(

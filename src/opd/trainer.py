@@ -519,8 +519,7 @@ def micro_batch_loss(
     elif loss_cfg.objective == "minillm":
         loss, metrics = objectives.minillm(
             student_logits_BCV, teacher_logits_BCV, ids_BC, mask_BC, num_tokens=num_tokens,
-            sampler_logprobs_BC=sampler_BC, clip_eps=loss_cfg.clip_eps, gamma=1.0 if loss_cfg.gamma == 0.0
-            else loss_cfg.gamma, **common,
+            sampler_logprobs_BC=sampler_BC, clip_eps=loss_cfg.clip_eps, gamma=loss_cfg.gamma, **common,
         )
     else:
         with torch.no_grad():
