@@ -1,0 +1,168 @@
+"""The bad-input catalogue: every case must end in one readable CLI line, a non-zero exit, no
+traceback, and a run directory that is either untouched or still resumable."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from conftest import base_overrides, tiny_llama, write_rows
+from opd import checkpoint as ckpt
+from opd.cli import main
+
+
+def _digest(folder: Path) -> str:
+    digest = hashlib.sha256()
+    for path in sorted(folder.rglob("*")):
+        if path.is_file():
+            digest.update(str(path.relative_to(folder)).encode())
+            digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def _cli(capsys, args: list[str]) -> tuple[int, str]:
+    capsys.readouterr()
+    code = main(args)
+    return code, capsys.readouterr().err.strip()
+
+
+def _check(code: int, err: str, needle: str) -> None:
+    assert code == 2, err
+    assert "Traceback" not in err
+    lines = err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("opd: error:"), err
+    assert needle in err, err
+
+
+def _data(tmp_path: Path, name: str, content: str | bytes) -> str:
+    path = tmp_path / name
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    else:
+        path.write_text(content)
+    return str(path)
+
+
+def _other_tokenizer_teacher(tmp_path: Path) -> str:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    core = Tokenizer(models.WordLevel({"<pad>": 0, "<s>": 1, "</s>": 2, "x": 3, "<unk>": 4}, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    other = PreTrainedTokenizerFast(tokenizer_object=core, eos_token="</s>", pad_token="<pad>", bos_token="<s>")
+    folder = tmp_path / "other_teacher"
+    tiny_llama(len(other)).save_pretrained(folder)
+    other.save_pretrained(folder)
+    return str(folder)
+
+
+# (case id, overrides or a function of tmp_path returning overrides, the recipe, the expected text)
+CASES = [
+    ("malformed_jsonl", lambda t: {"data.train": _data(t, "bad.jsonl", '{"prompt": "1 ="}\n{"prompt": \n')},
+     "supervised_kd", "bad.jsonl:2"),
+    ("missing_prompt_field", lambda t: {"data.train": _data(t, "nofield.jsonl", '{"question": "1 2 ="}\n')},
+     "on_policy_rkl", "prompt"),
+    ("missing_answer_off_policy", lambda t: {"data.train": _data(t, "noans.jsonl", '{"prompt": "1 2 ="}\n')},
+     "supervised_kd", "answer"),
+    ("empty_prompt", lambda t: {"data.train": _data(t, "empty_prompt.jsonl", '{"prompt": "", "answer": "1"}\n')},
+     "on_policy_rkl", "empty"),
+    ("prompt_plus_rollout_longer_than_context", {"rollout.max_new_tokens": 400}, "on_policy_rkl",
+     "exceeds the student's"),
+    ("non_utf8_bytes", lambda t: {"data.train": _data(t, "latin1.jsonl", b'{"prompt": "caf\xe9 ="}\n')},
+     "on_policy_rkl", "UTF-8"),
+    ("empty_dataset", lambda t: {"data.train": _data(t, "nothing.jsonl", "")}, "on_policy_rkl", "dataset is empty"),
+    ("unknown_config_key", {"loss.betta": 0.5}, "gkd", "loss.betta: unknown key"),
+    ("lambda_out_of_range", {"rollout.on_policy_fraction": 1.5}, "gkd", "rollout.on_policy_fraction"),
+    ("beta_out_of_range", {"loss.beta": -0.1}, "gkd", "loss.beta"),
+    ("alpha_out_of_range", {"loss.alpha": 2}, "gkd", "loss.alpha"),
+    ("temperature_not_positive", {"temperature": 0}, "gkd", "temperature"),
+    ("top_p_zero", {"rollout.top_p": 0}, "gkd", "rollout.top_p"),
+    ("top_p_above_one", {"rollout.top_p": 1.5}, "gkd", "rollout.top_p"),
+    ("mismatched_tokenizers", lambda t: {"teacher.model": _other_tokenizer_teacher(t)}, "on_policy_rkl",
+     "tokenizers differ"),
+    ("missing_student_path", {"model.student": "/nonexistent/student"}, "on_policy_rkl", "does not exist"),
+    ("missing_teacher", {"teacher.model": "null"}, "on_policy_rkl", "teacher.model is required"),
+    ("verifier_unknown", {"loss.verifier": "no_such_check"}, "kdrl", "unknown verifier"),
+]
+
+
+@pytest.mark.parametrize("case, overrides, recipe, needle", CASES, ids=[c[0] for c in CASES])
+def test_bad_input_gives_one_line_and_writes_nothing(tiny_setup, tmp_path, capsys, case, overrides, recipe,
+                                                     needle):
+    extra = overrides(tmp_path) if callable(overrides) else overrides
+    out = tmp_path / "run"
+    code, err = _cli(capsys, ["train", recipe, *base_overrides(tiny_setup, out, **extra)])
+    _check(code, err, needle)
+    assert not (out / "config.yaml").exists()  # a failed start leaves no half-made run
+
+
+def test_catalogue_has_at_least_fifteen_cases():
+    assert len(CASES) + 3 >= 15  # plus the three run-time cases below
+
+
+def test_run_directory_holding_another_run_is_left_untouched(tiny_setup, tmp_path, capsys):
+    out = tmp_path / "taken"
+    args = ["train", "on_policy_rkl", *base_overrides(tiny_setup, out, **{
+        "train.steps": 2, "train.save_every": 1, "data.eval": "null"})]
+    assert main(args) == 0
+    before = _digest(out)
+    _check(*_cli(capsys, [*args[:2], *base_overrides(tiny_setup, out, **{"loss.divergence": "forward_kl"})]),
+           "already holds a run")
+    _check(*_cli(capsys, [*args, "loss.divergence=forward_kl", "--resume"]), "different config")
+    assert _digest(out) == before
+
+
+def test_disk_full_during_a_checkpoint_keeps_the_previous_one(tiny_setup, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "full"
+    args = ["train", "on_policy_rkl", *base_overrides(tiny_setup, out, **{
+        "train.steps": 4, "train.save_every": 1, "data.eval": "null"})]
+    real_save = ckpt.save_model
+    calls = {"n": 0}
+
+    def flaky_save(model, filename, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            Path(filename).write_bytes(b"partial")  # what a full disk leaves behind
+            raise OSError(errno.ENOSPC, "No space left on device", filename)
+        return real_save(model, filename, *a, **k)
+
+    monkeypatch.setattr(ckpt, "save_model", flaky_save)
+    _check(*_cli(capsys, args), "disk full")
+    committed = ckpt.list_checkpoints(out)
+    assert [p.name for p in committed] == ["step-00000001"]
+    ckpt.verify_checksums(committed[0])
+    monkeypatch.setattr(ckpt, "save_model", real_save)
+    assert main([*args, "--resume"]) == 0  # space freed: the run continues from step 1
+    assert (out / "final" / "model.safetensors").exists()
+
+
+def test_nonfinite_logits_are_skipped_counted_and_stop_the_run(tiny_setup, tmp_path, capsys):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    teacher = AutoModelForCausalLM.from_pretrained(tiny_setup / "teacher")
+    with torch.no_grad():
+        teacher.lm_head.weight[3].fill_(float("inf"))
+    bad_teacher = tmp_path / "inf_teacher"
+    teacher.save_pretrained(bad_teacher)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tiny_setup / "teacher" / name, bad_teacher / name)
+    out = tmp_path / "run"
+    args = ["train", "on_policy_rkl", *base_overrides(tiny_setup, out, **{
+        "train.steps": 5, "train.max_nonfinite_steps": 3, "data.eval": "null"}), f"teacher.model={bad_teacher}"]
+    _check(*_cli(capsys, args), "NaN/inf for 3 steps in a row")
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["train/skipped_nonfinite_total"] for r in rows] == [1, 2]
+    assert (out / "config.yaml").exists() and not (out / "final").exists()
+
+
+def test_kdrl_without_reference_answers_is_refused(tiny_setup, tmp_path, capsys):
+    data = write_rows(tmp_path / "prompts.jsonl", [{"prompt": "1 2 ="}])
+    code, err = _cli(capsys, ["train", "kdrl", *base_overrides(tiny_setup, tmp_path / "r", **{
+        "data.train": str(data)})])
+    _check(code, err, "answer")
