@@ -7,6 +7,7 @@ Every user error prints one line (``opd: error: ...``) and exits with code 2;
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import sys
@@ -81,6 +82,17 @@ def build_parser() -> argparse.ArgumentParser:
     _add_debug(p_demo)
 
     sub.add_parser("recipes", help="list the shipped recipes")
+
+    p_report = sub.add_parser(
+        "report", help="compare run directories: PNG plots and an index.html",
+        description="Read RUN_DIRs written by `opd train` (config.yaml + metrics.jsonl) and write loss, "
+        "divergence, accuracy and first-error plots, the configs side by side and a compute summary to "
+        "OUT_DIR/index.html. Only the report's own files in OUT_DIR are overwritten.",
+    )
+    p_report.add_argument("run_dirs", nargs="+", type=Path, metavar="RUN_DIR", help="run directories to compare")
+    p_report.add_argument("-o", "--out", type=Path, required=True, metavar="OUT_DIR", help="where to write")
+    p_report.add_argument("--names", help="comma-separated run names (default: the directory names)")
+    _add_debug(p_report)
     return parser
 
 
@@ -161,6 +173,20 @@ def _cmd_recipes(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_report(args: argparse.Namespace) -> int:
+    import shlex
+
+    from opd.report import write_report
+
+    names = [n.strip() for n in args.names.split(",")] if args.names is not None else None
+    command = ["opd", "report", *(str(p) for p in args.run_dirs), "-o", str(args.out)]
+    if args.names is not None:
+        command += ["--names", args.names]
+    index = write_report(args.run_dirs, args.out, names, command=shlex.join(command))
+    print(f"report: {index}")
+    return 0
+
+
 def _one_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return text[0] if text else type(exc).__name__
@@ -176,7 +202,8 @@ def main(argv: list[str] | None = None) -> int:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # opd prints its own progress
-    handlers: dict[str, Any] = {"train": _cmd_train, "eval": _cmd_eval, "demo": _cmd_demo, "recipes": _cmd_recipes}
+    handlers: dict[str, Any] = {"train": _cmd_train, "eval": _cmd_eval, "demo": _cmd_demo, "recipes": _cmd_recipes,
+                                "report": _cmd_report}
     debug = getattr(args, "debug", False)
     from opd.errors import OpdError
 
@@ -189,6 +216,17 @@ def main(argv: list[str] | None = None) -> int:
         if debug:
             raise
         print(f"opd: error: {_one_line(exc)}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        if debug:
+            raise
+        if exc.errno == errno.ENOSPC:
+            where = f" writing {exc.filename}" if exc.filename else ""
+            print(f"opd: error: disk full{where}; free space and rerun with --resume (committed checkpoints "
+                  "are intact)", file=sys.stderr)
+        else:
+            print(f"opd: error: {type(exc).__name__}: {_one_line(exc)} (rerun with --debug for the traceback)",
+                  file=sys.stderr)
         return 2
     except Exception as exc:  # anything else still gets one line unless --debug
         if debug:
