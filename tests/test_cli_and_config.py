@@ -13,7 +13,8 @@ from opd.errors import ConfigError
 def test_shipped_recipes_load():
     assert set(recipe_names()) >= {"supervised_kd", "seqkd", "gkd", "on_policy_rkl"}
     for name in recipe_names():
-        cfg = load_config(name, ["model.student=s", "teacher.model=t", "data.train=d.jsonl", "data.eval=e.jsonl"])
+        teacher = [] if name in ("opsd", "sdft") else ["teacher.model=t"]  # self-teachers have no model
+        cfg = load_config(name, ["model.student=s", *teacher, "data.train=d.jsonl", "data.eval=e.jsonl"])
         assert cfg.train.steps > 0
 
 

@@ -354,6 +354,8 @@ RECIPE_OVERRIDES = {
                  "rollout.replay_buffer_size": 4},
     "kdrl": {"train.batch_size": 2, "rollout.samples_per_prompt": 2},
     "prefix_opd": {"rollout.prefix_tokens": 2, "rollout.prefix_tokens_final": 6},
+    "opsd": {"teacher.model": "null"},
+    "sdft": {"teacher.model": "null"},
 }
 RECIPE_METRIC = {
     "topk_fkl": "teacher/topk_mass_mean",

@@ -155,6 +155,7 @@ def save_checkpoint(
     *,
     rank: int = 0,
     barrier: Callable[[], None] = lambda: None,
+    extra_modules: dict[str, torch.nn.Module] | None = None,
 ) -> Path:
     """Write checkpoint ``step`` atomically and prune to the newest ``keep``.
 
@@ -174,6 +175,8 @@ def save_checkpoint(
     barrier()
     if rank == 0:
         save_model(model, str(tmp / "model.safetensors"))
+        for name, module in (extra_modules or {}).items():  # e.g. an EMA self-teacher
+            save_model(module, str(tmp / f"{name}.safetensors"))
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         (tmp / "state.json").write_text(json.dumps({"step": step, **trainer_state}))
@@ -200,7 +203,8 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
 
 
 def load_checkpoint(
-    path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, *, rank: int = 0
+    path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, *, rank: int = 0,
+    extra_modules: dict[str, torch.nn.Module] | None = None,
 ) -> dict[str, Any]:
     """Restore weights, optimizer, scheduler and this process's RNG; returns step and data position.
 
@@ -216,6 +220,10 @@ def load_checkpoint(
                 f"checkpoint {path} does not match the student model "
                 f"(missing {untied_missing[:3]}, unexpected {unexpected[:3]})"
             )
+        for name, module in (extra_modules or {}).items():
+            if not (path / f"{name}.safetensors").is_file():
+                raise RunDirError(f"checkpoint {path} has no {name}.safetensors, which this run needs")
+            load_model(module, str(path / f"{name}.safetensors"))
         optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
         scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
         rng_file = path / f"rng-rank{rank}.safetensors"

@@ -40,9 +40,18 @@ class ModelConfig(_Section):
 
 
 class TeacherConfig(_Section):
-    kind: Literal["local"] = Field(
-        "local", description="What the teacher exposes. `local`: a white-box model with full logits."
+    kind: Literal["local", "self"] = Field(
+        "local", description="What the teacher is. `local`: a white-box model with full logits; `self`: the student "
+        "itself shown privileged context (`context_template`), as in OPSD / SDFT.",
     )
+    context_template: str = Field(
+        "{prompt}", description="Self-teacher prompt; `{prompt}`, `{answer}` and any other data field are filled "
+        "in per row (for chat rows it rewrites the last user turn).",
+    )
+    self_weights: Literal["live", "frozen", "ema"] = Field(
+        "ema", description="Self-teacher weights: the live student, a frozen copy of the initial student, or an EMA.",
+    )
+    ema_decay: float = Field(0.99, ge=0.0, lt=1.0, description="EMA decay of the self-teacher per optimizer step.")
     model: str | None = Field(None, description="Teacher model directory or hub id (required for `local`).")
     tokenizer: str | None = Field(None, description="Teacher tokenizer; defaults to `model`.")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
@@ -248,7 +257,14 @@ class RunConfig(_Section):
         needs_teacher = loss.objective != "nll" or rollout.sampler != "student" or (
             rollout.on_policy_fraction < 1.0 and rollout.off_policy_source == "teacher"
         )
-        if needs_teacher and self.teacher.model is None:
+        if self.teacher.kind == "self":
+            if self.teacher.model is not None:
+                raise ValueError("teacher.kind=self uses the student as its own teacher; leave teacher.model unset")
+            if rollout.sampler != "student" or (rollout.on_policy_fraction < 1.0
+                                                and rollout.off_policy_source == "teacher"):
+                raise ValueError("teacher.kind=self only scores student rollouts; use rollout.sampler=student and "
+                                 "off_policy_source=dataset")
+        elif needs_teacher and self.teacher.model is None:
             raise ValueError("teacher.model is required for this recipe (set teacher.model=PATH)")
         if self.rollout.prefix_tokens_final is not None and self.rollout.prefix_tokens is None:
             raise ValueError("rollout.prefix_tokens_final needs rollout.prefix_tokens (the starting length)")

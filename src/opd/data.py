@@ -29,6 +29,7 @@ class Example:
     answer: str | None = None
     answer_ids: list[int] | None = None  # reference completion incl. EOS
     extra: dict[str, Any] = field(default_factory=dict)
+    messages: list[dict[str, Any]] | None = None  # chat turns of the prompt (without a trailing answer)
 
 
 @dataclass
@@ -174,7 +175,11 @@ def load_examples(
         if answer:
             answer_ids = tokenizer(answer, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
         extra = {k: v for k, v in row.items() if k not in (cfg.prompt_field, cfg.messages_field, cfg.answer_field)}
-        examples.append(Example(prompt, prompt_ids, answer or None, answer_ids, extra))
+        messages = None
+        if has_template_bos:
+            turns = list(row[cfg.messages_field])
+            messages = turns[:-1] if turns and turns[-1]["role"] == "assistant" else turns
+        examples.append(Example(prompt, prompt_ids, answer or None, answer_ids, extra, messages))
     report.kept = len(examples)
     if not examples:
         raise DataError(

@@ -122,6 +122,7 @@ def evaluate(
                 max_words = max(max_words, len((example.answer or text).split()))
             if teacher is not None and not greedy and vocab_size is not None:
                 batch = build_batch([e.prompt_ids for e in chunk], outs, tokenizer.pad_token_id)
+                batch.examples = chunk  # a self-teacher builds its privileged prompts from them
                 device = next(student.parameters()).device
                 student_logits = completion_logits(
                     student, batch.input_ids_BT.to(device), batch.attention_mask_BT.to(device), batch.completion_len

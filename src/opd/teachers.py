@@ -9,14 +9,17 @@ any ``AutoModelForCausalLM``). Every teacher offers the same two calls:
 
 from __future__ import annotations
 
+import copy
+import string
 from typing import Any
 
 import torch
 
 from opd.config import TeacherConfig
-from opd.errors import ModelError
+from opd.data import Example
+from opd.errors import DataError, ModelError
 from opd.models import completion_logits, load_causal_lm, load_tokenizer
-from opd.rollout import SamplingParams, SequenceBatch, hf_generate
+from opd.rollout import SamplingParams, SequenceBatch, build_batch, hf_generate
 
 
 def check_same_tokenizer(student_tok: Any, teacher_tok: Any) -> None:
@@ -71,3 +74,97 @@ class LocalTeacher:
 
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[list[int]]:
         return hf_generate(self.model, prompts, params, self.tokenizer)
+
+
+def template_fields(template: str) -> list[str]:
+    """The ``{field}`` names a privileged-context template uses."""
+    return [name for _, name, _, _ in string.Formatter().parse(template) if name]
+
+
+class SelfTeacher:
+    """The student itself, shown privileged context the student does not see.
+
+    OPSD (arXiv 2601.18734) and SDFT (arXiv 2601.19897): the teacher is the same network
+    conditioned on extra information — the reference answer, a demonstration, feedback —
+    placed in its prompt by ``teacher.context_template`` (``{prompt}``, ``{answer}`` or any
+    other field of the data row). It scores the student's rollout token by token under
+    ``no_grad``, so no gradient flows through the teacher side. Its weights are the live
+    student (``live``), a frozen copy of the initial student (``frozen``), or an exponential
+    moving average of the student (``ema``, updated after every optimizer step).
+    """
+
+    kind = "self"
+
+    def __init__(self, student: torch.nn.Module, tokenizer: Any, cfg: TeacherConfig) -> None:
+        self.tokenizer = tokenizer
+        self.template = cfg.context_template
+        self.fields = template_fields(cfg.context_template)
+        self.weights = cfg.self_weights
+        self.ema_decay = cfg.ema_decay
+        self.live = student
+        self.name = f"self ({cfg.self_weights})"
+        self.chat_template = getattr(tokenizer, "chat_template", None)
+        if cfg.self_weights == "live":
+            self.model = student
+        else:
+            self.model = copy.deepcopy(student)
+            self.model.eval()
+            self.model.requires_grad_(False)
+
+    def _values(self, example: Example) -> dict[str, Any]:
+        values = {**example.extra, "prompt": example.prompt, "answer": example.answer}
+        missing = [name for name in self.fields if values.get(name) in (None, "")]
+        if missing:
+            raise DataError(f"prompt {example.prompt[:40]!r} has no `{missing[0]}`, which teacher.context_template "
+                            "needs for the self-teacher's privileged context")
+        return values
+
+    def teacher_prompt_ids(self, example: Example) -> list[int]:
+        """The teacher's prompt: for chat rows the template rewrites the last user turn
+        (``{prompt}`` = its content) before the chat template is applied."""
+        values = self._values(example)
+        if example.messages:
+            turns = [dict(m) for m in example.messages]
+            last_user = max(i for i, m in enumerate(turns) if m["role"] == "user")
+            turns[last_user]["content"] = self.template.format(**{**values, "prompt": turns[last_user]["content"]})
+            text = self.tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
+            return self.tokenizer(text, add_special_tokens=False).input_ids
+        return self.tokenizer(self.template.format(**values)).input_ids
+
+    def check(self, examples: list[Example]) -> None:
+        """Fail before training if any row lacks a field the template needs."""
+        for example in examples:
+            self._values(example)
+
+    @torch.no_grad()
+    def score(self, batch: SequenceBatch) -> torch.Tensor:
+        """Teacher logits ``[B, C, V]`` on the student's completions, behind the privileged prompts."""
+        if batch.examples is None:
+            raise DataError("the self-teacher needs the examples behind the batch")
+        lengths = batch.completion_mask_BC.sum(-1).long().tolist()
+        completions = [batch.completion_ids_BC[i, :n].tolist() for i, n in enumerate(lengths)]
+        prompts = [self.teacher_prompt_ids(e) for e in batch.examples]
+        view = build_batch(prompts, completions, self.tokenizer.pad_token_id)
+        device = next(self.model.parameters()).device
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            logits = completion_logits(self.model, view.input_ids_BT.to(device), view.attention_mask_BT.to(device),
+                                       view.completion_len)
+        finally:
+            self.model.train(was_training)
+        if logits.shape[1] < batch.completion_len:  # every row ended early: pad to the student's width
+            pad = logits.new_zeros(logits.shape[0], batch.completion_len - logits.shape[1], logits.shape[2])
+            logits = torch.cat([logits, pad], dim=1)
+        return logits
+
+    @torch.no_grad()
+    def after_step(self) -> None:
+        """EMA update ``theta_T <- d theta_T + (1 - d) theta_S`` after an optimizer step."""
+        if self.weights != "ema":
+            return
+        for ema_param, param in zip(self.model.parameters(), self.live.parameters()):
+            ema_param.lerp_(param.detach().to(ema_param.dtype), 1.0 - self.ema_decay)
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[list[int]]:
+        raise DataError("the self-teacher only scores student rollouts; it does not write off-policy answers")

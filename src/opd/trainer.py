@@ -41,7 +41,7 @@ from opd.eval import evaluate, reference_nll, resolve_first_error, resolve_score
 from opd.metrics import MetricsLogger
 from opd.models import completion_logits, load_causal_lm, load_tokenizer, shared_vocab_size
 from opd.rollout import AdaptiveOffPolicy, BehaviourPolicy, SamplingParams, SequenceBatch
-from opd.teachers import LocalTeacher
+from opd.teachers import LocalTeacher, SelfTeacher
 from opd.verifiers import batch_rewards, resolve_verifier
 
 # Keys that may change between a run and its resume without breaking exactness
@@ -59,8 +59,8 @@ class TrainResult:
     steps: int
     final_eval: dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0
-    # cumulative compute of this invocation: student_generated_tokens, teacher_scored_tokens,
-    # teacher_generated_tokens (global, all processes)
+    # cumulative compute of the run (restored on resume): student_generated_tokens,
+    # teacher_scored_tokens, teacher_generated_tokens (global, all processes)
     counters: dict[str, float] = field(default_factory=dict)
 
 
@@ -200,7 +200,11 @@ def train(config: RunConfig, *, resume: bool = False, log: Any = print) -> Train
                                trust_remote_code=config.model.trust_remote_code)
     student = load_causal_lm(config.model.student, dtype=config.model.dtype,
                              trust_remote_code=config.model.trust_remote_code)
-    teacher = LocalTeacher.from_config(config.teacher, tokenizer) if config.teacher.model else None
+    teacher: Any = None
+    if config.teacher.kind == "self":
+        teacher = SelfTeacher(student, tokenizer, config.teacher)  # copies the initial weights when not live
+    elif config.teacher.model:
+        teacher = LocalTeacher.from_config(config.teacher, tokenizer)
     vocab_size = shared_vocab_size(tokenizer, student, *([teacher.model] if teacher else []))
     need_answers = (config.rollout.on_policy_fraction < 1.0 and config.rollout.off_policy_source == "dataset") or (
         config.loss.objective == "kdrl")
@@ -216,11 +220,14 @@ def train(config: RunConfig, *, resume: bool = False, log: Any = print) -> Train
     eval_examples: list[Example] = []
     if config.data.eval:
         eval_examples, _ = load_examples(config.data.eval, config.data, tokenizer, limit=config.data.max_eval_examples)
+    if isinstance(teacher, SelfTeacher):
+        teacher.check(train_examples)
     if is_main:
         log(f"data: {report.kept} prompts from {config.data.train} "
             f"({report.skipped_overlong} over-long skipped, {report.truncated} truncated)")
 
-    if teacher is not None and teacher.chat_template != getattr(tokenizer, "chat_template", None) and is_main:
+    if isinstance(teacher, LocalTeacher) and teacher.chat_template != getattr(tokenizer, "chat_template", None) \
+            and is_main:
         warnings.warn("teacher and student chat templates differ; the teacher scores the student's template "
                       "(same token ids). Re-rendering prompts per teacher comes with served teachers.", stacklevel=2)
     if (config.rollout.top_p < 1.0 or config.rollout.top_k > 0) and is_main:
@@ -242,6 +249,9 @@ def train(config: RunConfig, *, resume: bool = False, log: Any = print) -> Train
     for frozen in (teacher, reference):
         if frozen is not None:
             frozen.model.to(accelerator.device)
+    # A self-teacher's EMA weights are training state: checkpointed and restored with the student.
+    teacher_state = {"teacher_ema": teacher.model} if isinstance(teacher, SelfTeacher) and \
+        teacher.weights == "ema" else {}
     # Dropout stays off: the policy that is scored must be the one that sampled the tokens.
     student.eval()
     optimizer = torch.optim.AdamW(student.parameters(), lr=config.optim.lr, betas=config.optim.betas,
@@ -255,6 +265,8 @@ def train(config: RunConfig, *, resume: bool = False, log: Any = print) -> Train
     scorer = resolve_scorer(config.eval.scorer)
     first_error = resolve_first_error(config.eval.first_error)
     start_step = 0
+    # cumulative over the whole run (restored on resume)
+    counters = {"student_generated_tokens": 0.0, "teacher_scored_tokens": 0.0, "teacher_generated_tokens": 0.0}
     if resume:
         if is_main:
             ckpt.clean_stale(run_dir)
@@ -270,8 +282,9 @@ def train(config: RunConfig, *, resume: bool = False, log: Any = print) -> Train
                     warnings.warn(f"{exc}; trying the previous checkpoint", stacklevel=2)
                 continue
             state = ckpt.load_checkpoint(candidate, accelerator.unwrap_model(model), optimizer, scheduler,
-                                         rank=accelerator.process_index)
+                                         rank=accelerator.process_index, extra_modules=teacher_state)
             start_step, stream.position = state["step"], state["data_position"]
+            counters.update(state.get("counters", {}))
             if adaptive is not None:
                 adaptive.load_state_dict(state["adaptive_off_policy"])
             if is_main:
@@ -310,7 +323,6 @@ def train(config: RunConfig, *, resume: bool = False, log: Any = print) -> Train
     last_eval: dict[str, Any] = {}
     nonfinite_in_a_row = 0
     skipped_total = 0
-    counters = {"student_generated_tokens": 0.0, "teacher_scored_tokens": 0.0, "teacher_generated_tokens": 0.0}
     teacher_writes_off_policy = config.rollout.off_policy_source == "teacher"
     co_sampling = float(config.rollout.sampler != "student")  # the teacher decodes every on-policy token
     for step in range(start_step + 1, config.train.steps + 1):
@@ -391,6 +403,8 @@ def train(config: RunConfig, *, resume: bool = False, log: Any = print) -> Train
             nonfinite_in_a_row = 0
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+            if isinstance(teacher, SelfTeacher):
+                teacher.after_step()
         with warnings.catch_warnings():
             # A skipped step still advances the schedule, so LR stays tied to the step number.
             warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler")
@@ -446,10 +460,11 @@ def train(config: RunConfig, *, resume: bool = False, log: Any = print) -> Train
                 bar.write(_eval_line(step, last_eval))
         if config.train.save_every and step % config.train.save_every == 0:
             ckpt.save_checkpoint(run_dir, step, accelerator.unwrap_model(model), optimizer, scheduler,
-                                 {"data_position": stream.position,
+                                 {"data_position": stream.position, "counters": counters,
                                   **({"adaptive_off_policy": adaptive.state_dict()} if adaptive else {})},
                                  config.train.keep_checkpoints,
-                                 rank=accelerator.process_index, barrier=accelerator.wait_for_everyone)
+                                 rank=accelerator.process_index, barrier=accelerator.wait_for_everyone,
+                                 extra_modules=teacher_state)
         accelerator.wait_for_everyone()
     bar.close()
 
