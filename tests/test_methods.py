@@ -356,6 +356,7 @@ RECIPE_OVERRIDES = {
     "prefix_opd": {"rollout.prefix_tokens": 2, "rollout.prefix_tokens_final": 6},
     "opsd": {"teacher.model": "null"},
     "sdft": {"teacher.model": "null"},
+    "gad": {"train.batch_size": 2, "loss.discriminator_warmup_steps": 1},
 }
 RECIPE_METRIC = {
     "topk_fkl": "teacher/topk_mass_mean",
@@ -366,6 +367,7 @@ RECIPE_METRIC = {
     "kdrl": "reward/outcome",
     "exopd": "teacher/reverse_kl_k1_mean",
     "distillm": "rollout/adaptive_phi",
+    "gad": "discriminator/accuracy",
 }
 
 
@@ -440,3 +442,84 @@ def test_all_masked_batches_give_zero_loss_and_finite_zero_gradient():
         (grad,) = torch.autograd.grad(loss, student, allow_unused=True)
         assert loss.item() == 0.0, name
         assert grad is None or (torch.isfinite(grad).all() and torch.all(grad == 0)), name
+
+
+# --- GAD: black-box teacher, discriminator -------------------------------------------------------
+
+
+def test_discriminator_reads_the_last_token_and_learns_a_preference(tokenizer):
+    from opd.discriminator import Discriminator, DiscriminatorTrainer
+
+    backbone = tiny_llama(len(tokenizer), seed=4).model
+    disc = Discriminator(backbone)
+    torch.nn.init.normal_(disc.head.weight)
+    student = build_batch([[3, 4], [5]], [[6, 7, 2], [8, 2]], tokenizer.pad_token_id)
+    teacher = build_batch([[3, 4], [5]], [[9, 2], [10, 11, 2]], tokenizer.pad_token_id)
+    scores = disc(student)
+    padded = build_batch([[3, 4], [5]], [[6, 7, 2], [8, 2]], tokenizer.pad_token_id)
+    padded.input_ids_BT[1, -1] = 12  # a padding position after the end: not read
+    assert torch.allclose(disc(padded), scores)
+    changed = build_batch([[3, 4], [5]], [[6, 7, 2], [8, 3]], tokenizer.pad_token_id)
+    assert not torch.allclose(disc(changed)[1], scores[1])
+    trainer = DiscriminatorTrainer(disc, lr=1e-2)
+    pair = torch.tensor([0, 1])
+    losses = [trainer.update(student, teacher, pair)["discriminator/loss"] for _ in range(15)]
+    assert losses[-1] < losses[0] - 0.1
+    assert trainer.update(student, teacher, pair)["discriminator/accuracy"] == 1.0
+
+
+def test_gad_resumes_exactly_with_the_discriminator_in_the_checkpoint(tiny_setup, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from opd.trainer import train
+
+    common = {"train.steps": 4, "train.save_every": 2, "data.eval": "null", "train.batch_size": 2,
+              "loss.discriminator_warmup_steps": 1, "loss.discriminator_lr": 1e-3, "optim.lr": 1e-3}
+    straight = tmp_path / "straight"
+    train(load_config("gad", base_overrides(tiny_setup, straight, **common)), log=lambda *_: None)
+    assert (straight / "checkpoints" / "step-00000004" / "discriminator.safetensors").exists()
+    resumed = tmp_path / "resumed"
+    shutil.copytree(straight, resumed)
+    shutil.rmtree(resumed / "checkpoints" / "step-00000004")
+    shutil.rmtree(resumed / "final")
+    train(load_config("gad", base_overrides(tiny_setup, resumed, **common)), resume=True, log=lambda *_: None)
+    a = load_file(str(straight / "final" / "model.safetensors"))
+    b = load_file(str(resumed / "final" / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_text_only_teacher_with_another_tokenizer_talks_through_text(tiny_setup, tmp_path, tokenizer):
+    """SeqKD from a black-box teacher whose tokenizer differs: prompts and answers are re-tokenised."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<pad>", "<s>", "</s>", "<unk>", "+", "-", "="] + [str(d) for d in range(10)]
+    core = Tokenizer(models.WordLevel({w: i for i, w in enumerate(reversed(words))}, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    other = PreTrainedTokenizerFast(tokenizer_object=core, eos_token="</s>", pad_token="<pad>", bos_token="<s>")
+    teacher_dir = tmp_path / "text_teacher"
+    tiny_llama(len(other), seed=5, pad_id=other.pad_token_id).save_pretrained(teacher_dir)
+    other.save_pretrained(teacher_dir)
+    out = tmp_path / "seqkd"
+    assert main(["train", "seqkd", *base_overrides(tiny_setup, out, **{
+        "teacher.model": str(teacher_dir), "teacher.kind": "text", "data.eval": "null"})]) == 0
+    from opd.config import TeacherConfig
+    from opd.teachers import LocalTeacher
+
+    teacher = LocalTeacher.from_config(TeacherConfig(kind="text", model=str(teacher_dir)), tokenizer)
+    prompts = [tokenizer("1 2 =").input_ids]
+    torch.manual_seed(0)
+    answer = teacher.generate(prompts, SamplingParams(max_new_tokens=6))[0]
+    # the same sample in the teacher's own ids: its prompt is the student's text re-encoded
+    from opd.rollout import hf_generate
+
+    torch.manual_seed(0)
+    own = hf_generate(teacher.model, [other("1 2 =").input_ids], SamplingParams(6, vocab_size=len(other)), other)[0]
+    assert own != answer[: len(own)]  # different id spaces ...
+    teacher_text = other.decode(own, skip_special_tokens=True)
+    assert answer[-1] == tokenizer.eos_token_id and max(answer) < len(tokenizer)
+    student_words = tokenizer.decode(answer, skip_special_tokens=True).split()
+    teacher_words = [w for w in teacher_text.split() if w not in tokenizer.all_special_tokens]
+    assert len(student_words) >= 3 and student_words == teacher_words[: len(student_words)]  # ... same words

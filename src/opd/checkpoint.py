@@ -156,6 +156,7 @@ def save_checkpoint(
     rank: int = 0,
     barrier: Callable[[], None] = lambda: None,
     extra_modules: dict[str, torch.nn.Module] | None = None,
+    extra_states: dict[str, dict[str, Any]] | None = None,
 ) -> Path:
     """Write checkpoint ``step`` atomically and prune to the newest ``keep``.
 
@@ -177,6 +178,8 @@ def save_checkpoint(
         save_model(model, str(tmp / "model.safetensors"))
         for name, module in (extra_modules or {}).items():  # e.g. an EMA self-teacher
             save_model(module, str(tmp / f"{name}.safetensors"))
+        for name, state_dict in (extra_states or {}).items():  # e.g. the discriminator's optimizer
+            torch.save(state_dict, tmp / f"{name}.pt")
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         (tmp / "state.json").write_text(json.dumps({"step": step, **trainer_state}))
@@ -205,6 +208,7 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
 def load_checkpoint(
     path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, *, rank: int = 0,
     extra_modules: dict[str, torch.nn.Module] | None = None,
+    extra_states: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Restore weights, optimizer, scheduler and this process's RNG; returns step and data position.
 
@@ -224,6 +228,8 @@ def load_checkpoint(
             if not (path / f"{name}.safetensors").is_file():
                 raise RunDirError(f"checkpoint {path} has no {name}.safetensors, which this run needs")
             load_model(module, str(path / f"{name}.safetensors"))
+        for name, target in (extra_states or {}).items():  # objects with load_state_dict
+            target.load_state_dict(torch.load(path / f"{name}.pt", weights_only=True))
         optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
         scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
         rng_file = path / f"rng-rank{rank}.safetensors"

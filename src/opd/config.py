@@ -40,9 +40,10 @@ class ModelConfig(_Section):
 
 
 class TeacherConfig(_Section):
-    kind: Literal["local", "self"] = Field(
+    kind: Literal["local", "self", "text"] = Field(
         "local", description="What the teacher is. `local`: a white-box model with full logits; `self`: the student "
-        "itself shown privileged context (`context_template`), as in OPSD / SDFT.",
+        "itself shown privileged context (`context_template`), as in OPSD / SDFT; `text`: a black box whose "
+        "generated text is all that is used (GAD, SeqKD) — written by `model`, or the data's answers when unset.",
     )
     context_template: str = Field(
         "{prompt}", description="Self-teacher prompt; `{prompt}`, `{answer}` and any other data field are filled "
@@ -131,13 +132,14 @@ class RolloutConfig(_Section):
 
 
 class LossConfig(_Section):
-    objective: Literal["divergence", "nll", "sampled_token_pg", "minillm", "kdrl"] = Field(
+    objective: Literal["divergence", "nll", "sampled_token_pg", "minillm", "kdrl", "gad"] = Field(
         "divergence",
         description="`divergence`: token-level f-divergence against the teacher's distributions; "
         "`nll`: cross-entropy on the behaviour policy's tokens (SeqKD when they come from the teacher); "
         "`sampled_token_pg`: policy gradient with the teacher's log-prob of each sampled token as reward; "
         "`minillm`: sequence-level reverse KL by clipped policy gradient plus the exact single-step term; "
-        "`kdrl`: verifier-reward policy gradient plus a k2 reverse-KL term to the teacher.",
+        "`kdrl`: verifier-reward policy gradient plus a k2 reverse-KL term to the teacher; "
+        "`gad`: policy gradient on a discriminator's score trained to tell teacher text from student text.",
     )
     estimator: Literal["k1", "k2", "k3"] = Field(
         "k1", description="Single-sample reverse-KL estimator whose negative is the reward (sampled_token_pg)."
@@ -168,6 +170,13 @@ class LossConfig(_Section):
     kd_coef_decay: float = Field(5e-5, ge=0.0, description="KDRL: KD weight decrease per step (0 = constant).")
     kd_estimator: Literal["k2", "k3"] = Field("k2", description="KDRL: reverse-KL estimator of the KD term.")
     kd_mask_correct: bool = Field(False, description="KDRL: drop the KD term on responses the verifier accepts.")
+    discriminator_model: str | None = Field(
+        None, description="GAD: discriminator backbone checkpoint (null = the student's initial checkpoint)."
+    )
+    discriminator_lr: float = Field(1e-6, gt=0.0, description="GAD: discriminator learning rate (AdamW).")
+    discriminator_warmup_steps: int = Field(
+        10, ge=0, description="GAD: steps at the start that train only the discriminator (the student is frozen)."
+    )
     divergence: Literal["forward_kl", "reverse_kl", "jsd", "tv", "skew_forward_kl", "skew_reverse_kl"] = Field(
         "reverse_kl", description="Divergence kind for `objective: divergence` (see opd.divergences)."
     )
@@ -254,9 +263,16 @@ class RunConfig(_Section):
     @model_validator(mode="after")
     def _check_combinations(self) -> RunConfig:
         loss, rollout = self.loss, self.rollout
-        needs_teacher = loss.objective != "nll" or rollout.sampler != "student" or (
+        needs_teacher = loss.objective not in ("nll", "gad") or rollout.sampler != "student" or (
             rollout.on_policy_fraction < 1.0 and rollout.off_policy_source == "teacher"
         )
+        if loss.objective == "gad" and self.teacher.kind != "text":
+            raise ValueError("loss.objective=gad learns from the teacher's text only; set teacher.kind=text")
+        if self.teacher.kind == "text" and loss.objective not in ("gad", "nll"):
+            raise ValueError("a text-only teacher (teacher.kind=text) exposes no probabilities; "
+                             "use loss.objective=gad or nll (SeqKD)")
+        if loss.objective == "gad" and rollout.samples_per_prompt < 2:
+            raise ValueError("loss.objective=gad normalises rewards within groups; set rollout.samples_per_prompt>=2")
         if self.teacher.kind == "self":
             if self.teacher.model is not None:
                 raise ValueError("teacher.kind=self uses the student as its own teacher; leave teacher.model unset")
@@ -268,7 +284,7 @@ class RunConfig(_Section):
             raise ValueError("teacher.model is required for this recipe (set teacher.model=PATH)")
         if self.rollout.prefix_tokens_final is not None and self.rollout.prefix_tokens is None:
             raise ValueError("rollout.prefix_tokens_final needs rollout.prefix_tokens (the starting length)")
-        if loss.objective in ("sampled_token_pg", "minillm", "kdrl") and rollout.on_policy_fraction < 1.0:
+        if loss.objective in ("sampled_token_pg", "minillm", "kdrl", "gad") and rollout.on_policy_fraction < 1.0:
             raise ValueError(
                 f"loss.objective={loss.objective} is a policy gradient on the student's own samples; "
                 "set rollout.on_policy_fraction=1"

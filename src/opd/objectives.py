@@ -339,6 +339,30 @@ def group_advantages(rewards_B: torch.Tensor, group_B: torch.Tensor, eps: float 
     return advantages_B
 
 
+def sequence_reward_pg(
+    student_logits_BCV: torch.Tensor,
+    ids_BC: torch.Tensor,
+    mask_BC: torch.Tensor,
+    advantages_B: torch.Tensor,
+    *,
+    num_tokens: int | float,
+    temperature: float = 1.0,
+    vocab_size: int | None = None,
+    sampler_logprobs_BC: torch.Tensor | None = None,
+    chunk_size: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
+    """GRPO-style policy gradient on a sequence-level advantage broadcast to every token:
+    ``-sum_{i,t} rho_{i,t} A_i / num_tokens`` with ``rho = q_theta / q_sampler`` (1 on-policy).
+    Returns the loss, the student's token log-probs (for extra terms) and metrics."""
+    student_lp_BC = token_logprobs(student_logits_BCV, ids_BC, temperature=temperature,
+                                   vocab_size=vocab_size, chunk_size=chunk_size)
+    sampler_lp_BC = student_lp_BC.detach() if sampler_logprobs_BC is None else sampler_logprobs_BC
+    ratio_BC = torch.exp(student_lp_BC - sampler_lp_BC)
+    pg_total = -(ratio_BC * advantages_B[:, None] * mask_BC).sum()
+    metrics = {"loss/pg_sum": float(pg_total.detach().item()), "loss/tokens": float(mask_BC.sum().item())}
+    return pg_total / _normaliser(num_tokens), student_lp_BC, metrics
+
+
 def kdrl(
     student_logits_BCV: torch.Tensor,
     teacher_logprobs_BC: torch.Tensor,
@@ -364,20 +388,16 @@ def kdrl(
     the reverse-KL policy gradient (k3 is allowed too). ``kd_mask_B`` drops the KD term for
     chosen sequences (KDRL's reward-guided masking of already-correct responses).
     """
-    student_lp_BC = token_logprobs(student_logits_BCV, ids_BC, temperature=temperature,
-                                   vocab_size=vocab_size, chunk_size=chunk_size)
+    pg_loss, student_lp_BC, metrics = sequence_reward_pg(
+        student_logits_BCV, ids_BC, mask_BC, advantages_B, num_tokens=num_tokens, temperature=temperature,
+        vocab_size=vocab_size, sampler_logprobs_BC=sampler_logprobs_BC, chunk_size=chunk_size,
+    )
     sampler_lp_BC = student_lp_BC.detach() if sampler_logprobs_BC is None else sampler_logprobs_BC
-    ratio_BC = torch.exp(student_lp_BC - sampler_lp_BC)
-    pg_total = -(ratio_BC * advantages_B[:, None] * mask_BC).sum()
     kd_BC = divergences.sampled_token(kd_estimator, student_lp_BC, teacher_logprobs_BC)
     kd_weight_BC = mask_BC if kd_mask_B is None else mask_BC * kd_mask_B[:, None]
     kd_total = (kd_BC * kd_weight_BC).sum()
-    metrics = {
-        "loss/pg_sum": float(pg_total.detach().item()),
-        "loss/kd_sum": float(kd_total.detach().item()),
-        "teacher/reverse_kl_k1_sum": float(
-            (divergences.sampled_token("k1", sampler_lp_BC, teacher_logprobs_BC) * mask_BC).sum().item()
-        ),
-        "loss/tokens": float(mask_BC.sum().item()),
-    }
-    return (pg_total + kd_coef * kd_total) / _normaliser(num_tokens), metrics
+    metrics["loss/kd_sum"] = float(kd_total.detach().item())
+    metrics["teacher/reverse_kl_k1_sum"] = float(
+        (divergences.sampled_token("k1", sampler_lp_BC, teacher_logprobs_BC) * mask_BC).sum().item()
+    )
+    return pg_loss + kd_coef * kd_total / _normaliser(num_tokens), metrics

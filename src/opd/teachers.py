@@ -45,12 +45,16 @@ def check_same_tokenizer(student_tok: Any, teacher_tok: Any) -> None:
 class LocalTeacher:
     """A frozen local causal LM in its own dtype, scored without gradients."""
 
-    kind = "local"
 
-    def __init__(self, model: torch.nn.Module, tokenizer: Any, name: str = "teacher") -> None:
+    def __init__(self, model: torch.nn.Module, tokenizer: Any, name: str = "teacher",
+                 student_tokenizer: Any | None = None) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.name = name
+        # A text-only teacher talks to the student through text: prompts are decoded with the
+        # student's tokenizer and re-encoded with the teacher's, and answers the other way round.
+        self.student_tokenizer = student_tokenizer
+        self.kind = "text" if student_tokenizer is not None else "local"
         self.chat_template = getattr(tokenizer, "chat_template", None)
         self.model.eval()
         self.model.requires_grad_(False)
@@ -60,9 +64,11 @@ class LocalTeacher:
         if cfg.model is None:
             raise ModelError("teacher.model is not set")
         tokenizer = load_tokenizer(cfg.tokenizer or cfg.model, trust_remote_code=cfg.trust_remote_code)
-        check_same_tokenizer(student_tokenizer, tokenizer)
+        if cfg.kind == "local":
+            check_same_tokenizer(student_tokenizer, tokenizer)
         model = load_causal_lm(cfg.model, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code)
-        return cls(model, tokenizer, name=cfg.model)
+        return cls(model, tokenizer, name=cfg.model,
+                   student_tokenizer=student_tokenizer if cfg.kind == "text" else None)
 
     @torch.no_grad()
     def score(self, batch: SequenceBatch) -> torch.Tensor:
@@ -73,7 +79,18 @@ class LocalTeacher:
         )
 
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[list[int]]:
-        return hf_generate(self.model, prompts, params, self.tokenizer)
+        """Teacher samples as student token ids (re-tokenised through text for a text-only teacher)."""
+        if self.student_tokenizer is None:
+            return hf_generate(self.model, prompts, params, self.tokenizer)
+        student_tok = self.student_tokenizer
+        texts = student_tok.batch_decode(prompts, skip_special_tokens=True)
+        teacher_prompts = [self.tokenizer(text).input_ids for text in texts]
+        own = SamplingParams(params.max_new_tokens, params.temperature, params.top_p, params.top_k, params.greedy,
+                             vocab_size=len(self.tokenizer))
+        outs = hf_generate(self.model, teacher_prompts, own, self.tokenizer)
+        answers = self.tokenizer.batch_decode(outs, skip_special_tokens=True)
+        return [student_tok(text, add_special_tokens=False).input_ids[: params.max_new_tokens - 1]
+                + [student_tok.eos_token_id] for text in answers]
 
 
 def template_fields(template: str) -> list[str]:

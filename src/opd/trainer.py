@@ -36,11 +36,12 @@ from opd import checkpoint as ckpt
 from opd import divergences, objectives
 from opd.config import RunConfig, dump_config
 from opd.data import Example, load_examples
+from opd.discriminator import Discriminator, DiscriminatorTrainer
 from opd.errors import OpdError, RunDirError
 from opd.eval import evaluate, reference_nll, resolve_first_error, resolve_scorer
 from opd.metrics import MetricsLogger
 from opd.models import completion_logits, load_causal_lm, load_tokenizer, shared_vocab_size
-from opd.rollout import AdaptiveOffPolicy, BehaviourPolicy, SamplingParams, SequenceBatch
+from opd.rollout import AdaptiveOffPolicy, BehaviourPolicy, SamplingParams, SequenceBatch, build_batch
 from opd.teachers import LocalTeacher, SelfTeacher
 from opd.verifiers import batch_rewards, resolve_verifier
 
@@ -205,9 +206,12 @@ def train(config: RunConfig, *, resume: bool = False, log: Any = print) -> Train
         teacher = SelfTeacher(student, tokenizer, config.teacher)  # copies the initial weights when not live
     elif config.teacher.model:
         teacher = LocalTeacher.from_config(config.teacher, tokenizer)
-    vocab_size = shared_vocab_size(tokenizer, student, *([teacher.model] if teacher else []))
+    # A text-only teacher may have its own vocabulary: only white-box teachers share the student's.
+    scoring_teachers = [teacher.model] if isinstance(teacher, LocalTeacher) and teacher.kind == "local" else []
+    vocab_size = shared_vocab_size(tokenizer, student, *scoring_teachers)
+    gad = config.loss.objective == "gad"
     need_answers = (config.rollout.on_policy_fraction < 1.0 and config.rollout.off_policy_source == "dataset") or (
-        config.loss.objective == "kdrl")
+        config.loss.objective == "kdrl") or (gad and teacher is None)
     verifier = resolve_verifier(config.loss.verifier) if config.loss.objective == "kdrl" else None
     # G-OPD/ExOPD's reward needs the initial student as a frozen reference policy.
     reference = None
@@ -226,8 +230,8 @@ def train(config: RunConfig, *, resume: bool = False, log: Any = print) -> Train
         log(f"data: {report.kept} prompts from {config.data.train} "
             f"({report.skipped_overlong} over-long skipped, {report.truncated} truncated)")
 
-    if isinstance(teacher, LocalTeacher) and teacher.chat_template != getattr(tokenizer, "chat_template", None) \
-            and is_main:
+    if isinstance(teacher, LocalTeacher) and teacher.kind == "local" and is_main and \
+            teacher.chat_template != getattr(tokenizer, "chat_template", None):
         warnings.warn("teacher and student chat templates differ; the teacher scores the student's template "
                       "(same token ids). Re-rendering prompts per teacher comes with served teachers.", stacklevel=2)
     if (config.rollout.top_p < 1.0 or config.rollout.top_k > 0) and is_main:
@@ -241,6 +245,16 @@ def train(config: RunConfig, *, resume: bool = False, log: Any = print) -> Train
     if max_positions and longest > max_positions:
         raise OpdError(f"longest prompt + rollout.max_new_tokens = {longest} tokens exceeds the student's "
                        f"{max_positions} positions; lower data.max_prompt_tokens or rollout.max_new_tokens")
+    discriminator = None
+    if gad:
+        backbone = config.loss.discriminator_model or config.model.student
+        discriminator = DiscriminatorTrainer(
+            Discriminator.from_pretrained(backbone, dtype=config.model.dtype,
+                                          trust_remote_code=config.model.trust_remote_code),
+            lr=config.loss.discriminator_lr, max_grad_norm=config.optim.max_grad_norm,
+            reduce_grads=_mean_grads(accelerator) if accelerator.num_processes > 1 else None,
+        )
+        discriminator.model.to(accelerator.device)
     if is_main:
         write_run_config(run_dir, config)
     accelerator.wait_for_everyone()
@@ -252,6 +266,15 @@ def train(config: RunConfig, *, resume: bool = False, log: Any = print) -> Train
     # A self-teacher's EMA weights are training state: checkpointed and restored with the student.
     teacher_state = {"teacher_ema": teacher.model} if isinstance(teacher, SelfTeacher) and \
         teacher.weights == "ema" else {}
+    extra_states: dict[str, Any] = {}
+    if discriminator is not None:
+        teacher_state["discriminator"] = discriminator.model
+        extra_states["discriminator_optimizer"] = discriminator.optimizer
+    # GAD's teacher text: written once per prompt by the black-box teacher (seeded, so a resumed
+    # run sees the same answers), or the data's answers when no teacher model is given.
+    teacher_text: dict[int, list[int]] = {}
+    if gad:
+        teacher_text = _teacher_answers(teacher, train_examples, config, vocab_size, log if is_main else None)
     # Dropout stays off: the policy that is scored must be the one that sampled the tokens.
     student.eval()
     optimizer = torch.optim.AdamW(student.parameters(), lr=config.optim.lr, betas=config.optim.betas,
@@ -282,7 +305,8 @@ def train(config: RunConfig, *, resume: bool = False, log: Any = print) -> Train
                     warnings.warn(f"{exc}; trying the previous checkpoint", stacklevel=2)
                 continue
             state = ckpt.load_checkpoint(candidate, accelerator.unwrap_model(model), optimizer, scheduler,
-                                         rank=accelerator.process_index, extra_modules=teacher_state)
+                                         rank=accelerator.process_index, extra_modules=teacher_state,
+                                         extra_states=extra_states)
             start_step, stream.position = state["step"], state["data_position"]
             counters.update(state.get("counters", {}))
             if adaptive is not None:
@@ -371,14 +395,29 @@ def train(config: RunConfig, *, resume: bool = False, log: Any = print) -> Train
                 input_ids = batch.input_ids_BT.to(accelerator.device)
                 attention = batch.attention_mask_BT.to(accelerator.device)
                 with torch.no_grad():
-                    teacher_logits = teacher.score(batch).to(accelerator.device) if config.loss.objective != "nll" \
-                        else None
+                    teacher_logits = teacher.score(batch).to(accelerator.device) \
+                        if config.loss.objective not in ("nll", "gad") else None
+                rewards, disc_metrics = None, {}
+                if discriminator is not None:
+                    # GAD: score with the discriminator as it was when the samples were drawn, then update it
+                    # on (teacher text, student text) pairs of the same prompts.
+                    rewards = discriminator.rewards(batch).to(accelerator.device)
+                    teacher_batch = build_batch(
+                        [e.prompt_ids for e in batch.examples[:: config.rollout.samples_per_prompt]],
+                        [teacher_text[id(e)] for e in batch.examples[:: config.rollout.samples_per_prompt]],
+                        tokenizer.pad_token_id,
+                    )
+                    disc_metrics = discriminator.update(batch, teacher_batch, batch.group_B)
                 t1 = time.perf_counter()
                 student_logits = completion_logits(model, input_ids, attention, batch.completion_len)
                 loss, loss_metrics = micro_batch_loss(
                     config, batch, student_logits, teacher_logits, step=step, num_tokens=step_tokens,
                     vocab_size=vocab_size, tokenizer=tokenizer, verifier=verifier, reference=reference,
+                    rewards_B=rewards,
                 )
+                loss_metrics.update(disc_metrics)
+                if gad and step <= config.loss.discriminator_warmup_steps:
+                    loss = loss * 0.0  # discriminator warm-up: the student does not move yet
                 for key, value in loss_metrics.items():
                     loss_sums[key] = loss_sums.get(key, 0.0) + value
                 accelerator.backward(loss * world)
@@ -464,7 +503,8 @@ def train(config: RunConfig, *, resume: bool = False, log: Any = print) -> Train
                                   **({"adaptive_off_policy": adaptive.state_dict()} if adaptive else {})},
                                  config.train.keep_checkpoints,
                                  rank=accelerator.process_index, barrier=accelerator.wait_for_everyone,
-                                 extra_modules=teacher_state)
+                                 extra_modules=teacher_state,
+                                 extra_states={name: obj.state_dict() for name, obj in extra_states.items()})
         accelerator.wait_for_everyone()
     bar.close()
 
@@ -488,6 +528,40 @@ def train(config: RunConfig, *, resume: bool = False, log: Any = print) -> Train
                        counters)
 
 
+def _mean_grads(accelerator: Any) -> Any:
+    def reduce(module: torch.nn.Module) -> None:
+        for param in module.parameters():
+            if param.grad is not None:
+                param.grad.copy_(accelerator.reduce(param.grad, reduction="mean"))
+
+    return reduce
+
+
+@torch.no_grad()
+def _teacher_answers(
+    teacher: Any, examples: list[Example], config: RunConfig, vocab_size: int, log: Any
+) -> dict[int, list[int]]:
+    """One teacher answer per training prompt, keyed by ``id(example)``."""
+    if teacher is None:
+        return {id(e): list(e.answer_ids or []) for e in examples}
+    params = SamplingParams(max_new_tokens=config.rollout.max_new_tokens, temperature=config.temperature,
+                            top_p=config.rollout.top_p, top_k=config.rollout.top_k, vocab_size=vocab_size)
+    started = time.perf_counter()
+    answers: dict[int, list[int]] = {}
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(config.train.seed + 104_729)
+        for start in range(0, len(examples), config.eval.batch_size):
+            chunk = examples[start : start + config.eval.batch_size]
+            for example, completion in zip(chunk, teacher.generate([e.prompt_ids for e in chunk], params)):
+                if not completion:
+                    raise OpdError(f"the teacher wrote an empty answer to {example.prompt[:40]!r}; GAD needs text")
+                answers[id(example)] = completion
+    if log is not None:
+        log(f"teacher wrote {len(answers)} answers in {time.perf_counter() - started:.1f}s")
+    return answers
+
+
 def kd_coef_at(cfg: Any, step: int) -> float:
     """KDRL's linearly annealed KD weight: ``max(kd_coef - kd_coef_decay * (step - 1), kd_coef_min)``."""
     if cfg.kd_coef_decay == 0.0:
@@ -507,6 +581,7 @@ def micro_batch_loss(
     tokenizer: Any = None,
     verifier: Any = None,
     reference: Any = None,
+    rewards_B: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """The configured objective on one micro-batch: the one place a recipe's loss is assembled."""
     loss_cfg, temperature = config.loss, config.temperature
@@ -518,6 +593,15 @@ def micro_batch_loss(
     metrics: dict[str, float] = {}
     if loss_cfg.objective == "nll":
         return objectives.sequence_nll(student_logits_BCV, ids_BC, mask_BC, num_tokens=num_tokens, **common)
+    if loss_cfg.objective == "gad":
+        assert rewards_B is not None and batch.group_B is not None
+        advantages_B = objectives.group_advantages(rewards_B, batch.group_B.to(device))
+        loss, _, metrics = objectives.sequence_reward_pg(
+            student_logits_BCV, ids_BC, mask_BC, advantages_B, num_tokens=num_tokens,
+            sampler_logprobs_BC=sampler_BC, **common,
+        )
+        metrics["reward/discriminator"] = float(rewards_B.mean().item())
+        return loss, metrics
     assert teacher_logits_BCV is not None
     if loss_cfg.objective == "divergence" and config.teacher.top_k is not None:
         top_lp, top_ids = divergences.teacher_topk(teacher_logits_BCV, config.teacher.top_k, mask_BC.bool(),
