@@ -40,10 +40,11 @@ class ModelConfig(_Section):
 
 
 class TeacherConfig(_Section):
-    kind: Literal["local", "self", "text"] = Field(
+    kind: Literal["local", "self", "text", "cross_tokenizer"] = Field(
         "local", description="What the teacher is. `local`: a white-box model with full logits; `self`: the student "
         "itself shown privileged context (`context_template`), as in OPSD / SDFT; `text`: a black box whose "
-        "generated text is all that is used (GAD, SeqKD) — written by `model`, or the data's answers when unset.",
+        "generated text is all that is used (GAD, SeqKD) — written by `model`, or the data's answers when unset; "
+        "`cross_tokenizer`: a white-box model with its own tokenizer (loss.objective=uld).",
     )
     context_template: str = Field(
         "{prompt}", description="Self-teacher prompt; `{prompt}`, `{answer}` and any other data field are filled "
@@ -132,14 +133,15 @@ class RolloutConfig(_Section):
 
 
 class LossConfig(_Section):
-    objective: Literal["divergence", "nll", "sampled_token_pg", "minillm", "kdrl", "gad"] = Field(
+    objective: Literal["divergence", "nll", "sampled_token_pg", "minillm", "kdrl", "gad", "uld"] = Field(
         "divergence",
         description="`divergence`: token-level f-divergence against the teacher's distributions; "
         "`nll`: cross-entropy on the behaviour policy's tokens (SeqKD when they come from the teacher); "
         "`sampled_token_pg`: policy gradient with the teacher's log-prob of each sampled token as reward; "
         "`minillm`: sequence-level reverse KL by clipped policy gradient plus the exact single-step term; "
         "`kdrl`: verifier-reward policy gradient plus a k2 reverse-KL term to the teacher; "
-        "`gad`: policy gradient on a discriminator's score trained to tell teacher text from student text.",
+        "`gad`: policy gradient on a discriminator's score trained to tell teacher text from student text; "
+        "`uld`: cross-tokenizer distillation on byte-aligned token groups (ULD, optionally the GOLD hybrid).",
     )
     estimator: Literal["k1", "k2", "k3"] = Field(
         "k1", description="Single-sample reverse-KL estimator whose negative is the reward (sampled_token_pg)."
@@ -170,6 +172,14 @@ class LossConfig(_Section):
     kd_coef_decay: float = Field(5e-5, ge=0.0, description="KDRL: KD weight decrease per step (0 = constant).")
     kd_estimator: Literal["k2", "k3"] = Field("k2", description="KDRL: reverse-KL estimator of the KD term.")
     kd_mask_correct: bool = Field(False, description="KDRL: drop the KD term on responses the verifier accepts.")
+    uld_hybrid: bool = Field(
+        True, description="uld: compare tokens present in both vocabularies exactly (JSD(beta)) and use ULD only "
+        "for the rest (GOLD); false = plain ULD on the whole sorted distributions.",
+    )
+    uld_matched_weight: float | None = Field(
+        None, ge=0.0, le=1.0, description="uld hybrid: weight of the exact part (null = the matched share of the "
+        "teacher vocabulary); the ULD part gets 1 minus it.",
+    )
     discriminator_model: str | None = Field(
         None, description="GAD: discriminator backbone checkpoint (null = the student's initial checkpoint)."
     )
@@ -271,6 +281,10 @@ class RunConfig(_Section):
         if self.teacher.kind == "text" and loss.objective not in ("gad", "nll"):
             raise ValueError("a text-only teacher (teacher.kind=text) exposes no probabilities; "
                              "use loss.objective=gad or nll (SeqKD)")
+        if (loss.objective == "uld") != (self.teacher.kind == "cross_tokenizer"):
+            raise ValueError("cross-tokenizer distillation pairs teacher.kind=cross_tokenizer with loss.objective=uld")
+        if loss.objective == "uld" and (rollout.sampler != "student" or rollout.off_policy_source != "dataset"):
+            raise ValueError("loss.objective=uld supports student samples and dataset answers as behaviour policy")
         if loss.objective == "gad" and rollout.samples_per_prompt < 2:
             raise ValueError("loss.objective=gad normalises rewards within groups; set rollout.samples_per_prompt>=2")
         if self.teacher.kind == "self":

@@ -66,9 +66,14 @@ class LocalTeacher:
         tokenizer = load_tokenizer(cfg.tokenizer or cfg.model, trust_remote_code=cfg.trust_remote_code)
         if cfg.kind == "local":
             check_same_tokenizer(student_tokenizer, tokenizer)
+        elif cfg.kind == "cross_tokenizer" and tokenizer.eos_token_id is None:
+            raise ModelError(f"the teacher tokenizer of {cfg.model} has no EOS token, which cross-tokenizer "
+                             "alignment pairs with the student's")
         model = load_causal_lm(cfg.model, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code)
-        return cls(model, tokenizer, name=cfg.model,
-                   student_tokenizer=student_tokenizer if cfg.kind == "text" else None)
+        teacher = cls(model, tokenizer, name=cfg.model,
+                      student_tokenizer=student_tokenizer if cfg.kind in ("text", "cross_tokenizer") else None)
+        teacher.kind = cfg.kind
+        return teacher
 
     @torch.no_grad()
     def score(self, batch: SequenceBatch) -> torch.Tensor:
@@ -77,6 +82,22 @@ class LocalTeacher:
         return completion_logits(
             self.model, batch.input_ids_BT.to(device), batch.attention_mask_BT.to(device), batch.completion_len
         )
+
+    @torch.no_grad()
+    def score_cross(self, batch: SequenceBatch) -> tuple[torch.Tensor, torch.Tensor, list[Any]]:
+        """For a teacher with its own tokenizer: its logits ``[B, C_T, V_T]`` on the re-tokenised
+        completions, those token ids ``[B, C_T]``, and the per-sequence alignments."""
+        from opd.cross_tokenizer import teacher_view
+
+        lengths = batch.completion_mask_BC.sum(-1).long().tolist()
+        prompts = [row[batch.attention_mask_BT[i, : batch.prompt_len].bool()].tolist()
+                   for i, row in enumerate(batch.input_ids_BT[:, : batch.prompt_len])]
+        completions = [batch.completion_ids_BC[i, :n].tolist() for i, n in enumerate(lengths)]
+        view = teacher_view(self.student_tokenizer, self.tokenizer, prompts, completions)
+        device = next(self.model.parameters()).device
+        logits = completion_logits(self.model, view.input_ids_BT.to(device), view.attention_mask_BT.to(device),
+                                   view.completion_len)
+        return logits, view.input_ids_BT[:, -view.completion_len :], view.alignments
 
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[list[int]]:
         """Teacher samples as student token ids (re-tokenised through text for a text-only teacher)."""

@@ -284,6 +284,19 @@ def train(config: RunConfig, *, resume: bool = False, log: Any = print) -> Train
 
     stream = ExampleStream(train_examples, config.train.seed, accelerator.process_index, accelerator.num_processes)
     policy = BehaviourPolicy(config.rollout, config.temperature, tokenizer, teacher, vocab_size)
+    # Evaluation's teacher divergence needs the student's vocabulary on both sides.
+    eval_teacher = teacher if isinstance(teacher, SelfTeacher) or (
+        isinstance(teacher, LocalTeacher) and teacher.kind == "local") else None
+    cross: dict[str, Any] | None = None
+    if config.loss.objective == "uld":
+        from opd.cross_tokenizer import matched_vocab
+
+        cross = {"teacher_vocab": len(teacher.tokenizer),
+                 "matched": matched_vocab(tokenizer, teacher.tokenizer) if config.loss.uld_hybrid else None}
+        if is_main:
+            shared = 0 if cross["matched"] is None else cross["matched"][0].numel()
+            log(f"cross-tokenizer teacher: {len(teacher.tokenizer)} tokens, {shared} shared with the student's "
+                f"{vocab_size}")
     adaptive = AdaptiveOffPolicy(config.rollout) if config.rollout.adaptive_off_policy else None
     scorer = resolve_scorer(config.eval.scorer)
     first_error = resolve_first_error(config.eval.first_error)
@@ -334,7 +347,7 @@ def train(config: RunConfig, *, resume: bool = False, log: Any = print) -> Train
         with torch.random.fork_rng(devices=cuda_devices):
             torch.manual_seed(config.train.seed + 7919)
             results = evaluate(accelerator.unwrap_model(model), tokenizer, eval_examples, params, scorer=scorer,
-                               first_error=first_error, teacher=teacher, vocab_size=vocab_size,
+                               first_error=first_error, teacher=eval_teacher, vocab_size=vocab_size,
                                batch_size=config.eval.batch_size, sampled=config.eval.sampled)
         metrics_log.log(step, results)
         return results
@@ -396,7 +409,9 @@ def train(config: RunConfig, *, resume: bool = False, log: Any = print) -> Train
                 attention = batch.attention_mask_BT.to(accelerator.device)
                 with torch.no_grad():
                     teacher_logits = teacher.score(batch).to(accelerator.device) \
-                        if config.loss.objective not in ("nll", "gad") else None
+                        if config.loss.objective not in ("nll", "gad", "uld") else None
+                    if cross is not None:
+                        cross["logits"], cross["ids"], cross["alignments"] = teacher.score_cross(batch)
                 rewards, disc_metrics = None, {}
                 if discriminator is not None:
                     # GAD: score with the discriminator as it was when the samples were drawn, then update it
@@ -413,7 +428,7 @@ def train(config: RunConfig, *, resume: bool = False, log: Any = print) -> Train
                 loss, loss_metrics = micro_batch_loss(
                     config, batch, student_logits, teacher_logits, step=step, num_tokens=step_tokens,
                     vocab_size=vocab_size, tokenizer=tokenizer, verifier=verifier, reference=reference,
-                    rewards_B=rewards,
+                    rewards_B=rewards, cross=cross,
                 )
                 loss_metrics.update(disc_metrics)
                 if gad and step <= config.loss.discriminator_warmup_steps:
@@ -582,6 +597,7 @@ def micro_batch_loss(
     verifier: Any = None,
     reference: Any = None,
     rewards_B: torch.Tensor | None = None,
+    cross: dict[str, Any] | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """The configured objective on one micro-batch: the one place a recipe's loss is assembled."""
     loss_cfg, temperature = config.loss, config.temperature
@@ -593,6 +609,16 @@ def micro_batch_loss(
     metrics: dict[str, float] = {}
     if loss_cfg.objective == "nll":
         return objectives.sequence_nll(student_logits_BCV, ids_BC, mask_BC, num_tokens=num_tokens, **common)
+    if loss_cfg.objective == "uld":
+        from opd.cross_tokenizer import cross_tokenizer_loss
+
+        assert cross is not None
+        return cross_tokenizer_loss(
+            student_logits_BCV, ids_BC, cross["logits"].to(device), cross["ids"].to(device), cross["alignments"],
+            student_vocab=vocab_size, teacher_vocab=cross["teacher_vocab"], num_groups=num_tokens,
+            matched=cross["matched"], matched_weight=loss_cfg.uld_matched_weight, beta=loss_cfg.beta,
+            temperature=temperature,
+        )
     if loss_cfg.objective == "gad":
         assert rewards_B is not None and batch.group_B is not None
         advantages_B = objectives.group_advantages(rewards_B, batch.group_B.to(device))
