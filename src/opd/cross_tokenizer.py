@@ -31,8 +31,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from opd import divergences
-
 _WINDOW = 6  # previous tokens decoded with each new one: enough context for every decoder we know
 
 
@@ -178,10 +176,12 @@ def _merged_log_rows(
         # first position of each group: where the group index changes
         first = torch.full((alignment.groups,), -1, dtype=torch.long, device=device)
         first.scatter_reduce_(0, group_t[valid], positions[valid], reduce="amin", include_self=False)
-        start_lp = torch.log_softmax(logits_BCV[b, first, :vocab].float() / temperature, dim=-1)
+        # One log-softmax per sequence serves both the groups' first rows and the later tokens'
+        # probabilities (the [G, V] rows are needed in full for the sort anyway).
+        all_lp = torch.log_softmax(logits_BCV[b, : len(group), :vocab].float() / temperature, dim=-1)
+        start_lp = all_lp[first]
         # log-probs of the actual tokens after the first one in each group, summed per group
-        token_lp = divergences.gathered_logprobs(logits_BCV[b, : len(group)], ids_BC[b, : len(group), None],
-                                                 temperature=temperature, vocab_size=vocab)[:, 0]
+        token_lp = all_lp.gather(-1, ids_BC[b, : len(group), None].to(device))[:, 0]
         later = valid & (positions != first[group_t.clamp(min=0)])
         extra = torch.zeros(alignment.groups, dtype=token_lp.dtype, device=device)
         extra = extra.index_add(0, group_t[later], token_lp[later])
