@@ -117,7 +117,8 @@ def main() -> None:
     loss_s = _median(loss_only, args.reps) - _median(lambda: student_step(), args.reps)
     groups = sum(a.groups for a in view.alignments)
     tokens = batch.num_tokens
-    print(f"B={args.batch} student tokens={tokens} teacher tokens={int(view.attention_mask_BT[:, -view.completion_len:].sum())}"
+    teacher_tokens = int(view.attention_mask_BT[:, -view.completion_len:].sum())
+    print(f"B={args.batch} student tokens={tokens} teacher tokens={teacher_tokens}"
           f" groups={groups} (vocab {len(s_tok)} / {len(t_tok)}, {matched[0].numel()} shared), {args.threads} threads")
     print(f"{'phase':<22}{'seconds':>10}{'per 1k tokens':>16}")
     for name, seconds in (("align (teacher_view)", align_s), ("loss fwd+bwd", loss_s),

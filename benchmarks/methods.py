@@ -69,6 +69,7 @@ LR: dict[str, float] = {
     # GAD (added later): 0% greedy at 5e-4 and 1e-3 after 300 steps (seed 0), 7% at 1e-4; lower
     # is the least bad. With a scalar sequence reward it barely moves the demo student either way.
     "gad": 1e-4,
+    "cross_tokenizer": 1e-3,
 }
 DEFAULT_LR = 1e-3  # recipes added after this table (opsd, sdft use it)
 # Self-teacher recipes (teacher.kind: self, OPSD / SDFT) show the student privileged context.
@@ -84,6 +85,49 @@ KDRL_GROUP = 4
 BASELINES = ("teacher", "student_base")
 METRICS = ("accuracy", "accuracy_sampled", "first_error", "first_error_sampled")
 COUNTERS = ("teacher_scored_tokens", "student_generated_tokens", "teacher_generated_tokens")
+
+
+def build_permuted_teacher(out: Path) -> Path:
+    """The shipped teacher behind a tokenizer with the same strings but other ids (reversed).
+
+    A ``local`` teacher is refused for such a pair (its ids mean other tokens); the
+    ``cross_tokenizer`` recipe re-tokenises through text and aligns by bytes. The demo's
+    word-level symbols align one to one, so this checks the cross-tokenizer path end to end
+    rather than the merging of token groups (the tests cover that with two trained BPEs).
+    """
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    from opd.demo.tokenizer import BOS, EOS, PAD, SPECIAL_TOKENS, UNK, VOCAB
+    from opd.models import load_causal_lm
+
+    n = len(VOCAB)
+    new_id = {old: n - 1 - old for old in range(n)}
+    vocab = {token: new_id[i] for token, i in VOCAB.items()}
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    core.post_processor = processors.TemplateProcessing(single=f"{BOS} $A", pair=f"{BOS} $A $B",
+                                                        special_tokens=[(BOS, vocab[BOS])])
+    core.add_special_tokens(list(SPECIAL_TOKENS))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, pad_token=PAD, bos_token=BOS, eos_token=EOS,
+                                        unk_token=UNK, clean_up_tokenization_spaces=False, model_max_length=64)
+    model = load_causal_lm(str(TEACHER_DIR))
+    order = torch.tensor([next(o for o in range(n) if new_id[o] == j) for j in range(n)])
+    with torch.no_grad():
+        weights = {w.data_ptr(): w for w in (model.get_input_embeddings().weight,
+                                              model.get_output_embeddings().weight)}
+        for weight in weights.values():  # once per tensor: tied embeddings share one
+            weight[:n] = weight[:n][order].clone()
+    for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
+        old = getattr(model.config, name)
+        if old is not None:
+            setattr(model.config, name, new_id[old])
+    model.generation_config.pad_token_id = vocab[PAD]
+    model.generation_config.bos_token_id = vocab[BOS]
+    model.generation_config.eos_token_id = vocab[EOS]
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
 
 
 def recipe_yaml(recipe: str) -> dict[str, Any]:
@@ -177,6 +221,8 @@ def build_recipe_config(recipe: str, base_dir: Path, data_dir: Path, out: Path, 
     if is_self_teacher(recipe):
         del values["teacher.model"]  # the student is its own teacher
     values.update(recipe_overrides(recipe, settings))
+    if recipe == "cross_tokenizer":
+        values["teacher.model"] = str(data_dir.parent / "permuted_teacher")  # built once by run()
     config = load_config(recipe, [f"{key}={_yaml_scalar(value)}" for key, value in values.items()])
     for key, value in values.items():  # guard against an override silently not taking effect
         got = _lookup(config, key)
@@ -332,6 +378,8 @@ def run(settings: DemoSettings, recipes: list[str], out_dir: Path, jobs: int, th
     train_rows, eval_rows = task.make_splits(settings.n_train, settings.n_eval, seed=0)
     task.write_jsonl(train_rows, data_dir / "train.jsonl")
     task.write_jsonl(eval_rows, data_dir / "eval.jsonl")
+    if "cross_tokenizer" in recipes:
+        build_permuted_teacher(out_dir / "permuted_teacher")
 
     jobs = max(1, min(jobs, settings.seeds))
     print(f"methods benchmark: {len(recipes)} recipes x {settings.seeds} seed(s) x {settings.steps} steps, "

@@ -516,8 +516,6 @@ def topk_per_token(
       divergence, equal to it once the buckets carry no mass, and it still pushes the
       student's mass off tokens the teacher considers unlikely (through the tail bucket).
     - ``renormalize``: both distributions are renormalised on the k tokens and compared
-      there (the common "top-k logits" KD approximation); mass outside is ignored.
-    - ``renormalize``: both distributions are renormalised on the k tokens and compared
       there; mass outside gets no gradient. With ``reverse_kl`` this is the Local Support
       Matching loss of arXiv 2603.25562 (Eqs. 6-8, k = 32 there, with top-p 0.9 rollouts).
     - ``teacher_renormalized``: forward KL only, ``sum_k p^(v_k) (log p^(v_k) - log q(v_k))``

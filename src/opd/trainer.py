@@ -273,8 +273,12 @@ def train(config: RunConfig, *, resume: bool = False, log: Any = print) -> Train
     # GAD's teacher text: written once per prompt by the black-box teacher (seeded, so a resumed
     # run sees the same answers), or the data's answers when no teacher model is given.
     teacher_text: dict[int, list[int]] = {}
+    upfront_teacher_tokens = 0.0  # GAD's teacher answers, written once before step 1
     if gad:
         teacher_text = _teacher_answers(teacher, train_examples, config, vocab_size, log if is_main else None)
+        if teacher is not None:
+            upfront_teacher_tokens = float(sum(len(ids) for ids in teacher_text.values()))
+
     # Dropout stays off: the policy that is scored must be the one that sampled the tokens.
     student.eval()
     optimizer = torch.optim.AdamW(student.parameters(), lr=config.optim.lr, betas=config.optim.betas,
@@ -302,7 +306,8 @@ def train(config: RunConfig, *, resume: bool = False, log: Any = print) -> Train
     first_error = resolve_first_error(config.eval.first_error)
     start_step = 0
     # cumulative over the whole run (restored on resume)
-    counters = {"student_generated_tokens": 0.0, "teacher_scored_tokens": 0.0, "teacher_generated_tokens": 0.0}
+    counters = {"student_generated_tokens": 0.0, "teacher_scored_tokens": 0.0,
+                "teacher_generated_tokens": upfront_teacher_tokens}
     if resume:
         if is_main:
             ckpt.clean_stale(run_dir)
@@ -354,6 +359,7 @@ def train(config: RunConfig, *, resume: bool = False, log: Any = print) -> Train
 
     # --- the loop ----------------------------------------------------------------
     bar = _progress(config.train.steps, start_step, config.train.progress and is_main)
+    say = bar.write if config.train.progress else log  # messages during the loop
     world = accelerator.num_processes
     tokens_seen = 0
     loop_start = time.perf_counter()
@@ -395,7 +401,7 @@ def train(config: RunConfig, *, resume: bool = False, log: Any = print) -> Train
         ], device=accelerator.device)
         step_tokens, generated, teacher_generated = accelerator.reduce(local_counts, reduction="sum").tolist()
         counters["student_generated_tokens"] += generated
-        counters["teacher_scored_tokens"] += step_tokens if config.loss.objective != "nll" else 0.0
+        counters["teacher_scored_tokens"] += step_tokens if config.loss.objective not in ("nll", "gad") else 0.0
         counters["teacher_generated_tokens"] += teacher_generated
 
         step_loss, teacher_s, student_s = 0.0, 0.0, 0.0
@@ -506,12 +512,12 @@ def train(config: RunConfig, *, resume: bool = False, log: Any = print) -> Train
             rose = adaptive.update(val_loss)
             metrics_log.log(step, {"eval/reference_nll": val_loss, "rollout/adaptive_phi": adaptive.phi})
             if rose and is_main:
-                bar.write(f"step {step}: validation loss {val_loss:.4f} rose; student-sample probability -> "
+                say(f"step {step}: validation loss {val_loss:.4f} rose; student-sample probability -> "
                           f"{adaptive.phi:.2f}")
         if config.train.eval_every and step % config.train.eval_every == 0 and step != config.train.steps:
             last_eval = run_eval(step)
             if is_main and last_eval:
-                bar.write(_eval_line(step, last_eval))
+                say(_eval_line(step, last_eval))
         if config.train.save_every and step % config.train.save_every == 0:
             ckpt.save_checkpoint(run_dir, step, accelerator.unwrap_model(model), optimizer, scheduler,
                                  {"data_position": stream.position, "counters": counters,
