@@ -1,4 +1,4 @@
-"""Command line: ``opd train``, ``opd eval``, ``opd demo``, ``opd recipes``.
+"""Command line: ``opd train``, ``eval``, ``demo``, ``recipes``, ``report``, ``cache-teacher``, ``serve-teacher``.
 
 Every user error prints one line (``opd: error: ...``) and exits with code 2;
 ``--debug`` shows the traceback instead.
@@ -93,6 +93,34 @@ def build_parser() -> argparse.ArgumentParser:
     p_report.add_argument("-o", "--out", type=Path, required=True, metavar="OUT_DIR", help="where to write")
     p_report.add_argument("--names", help="comma-separated run names (default: the directory names)")
     _add_debug(p_report)
+
+    p_cache = sub.add_parser(
+        "cache-teacher", help="score a fixed rollout set with the teacher once and store its top-k log-probs",
+        description="Write a teacher cache (Arrow shards + manifest with checksums) for CONFIG's student, teacher "
+        "(local or served) and data.train; train from it with teacher.kind=cache teacher.cache=OUT. "
+        "Rerunning the same command finishes an interrupted cache.",
+    )
+    p_cache.add_argument("config", help="YAML file or recipe name")
+    p_cache.add_argument("overrides", nargs="*", help="section.key=value overrides")
+    p_cache.add_argument("--out", type=Path, required=True, help="cache directory")
+    p_cache.add_argument("--source", choices=("student", "dataset"), default="student",
+                         help="who writes the cached completions (default: student samples)")
+    p_cache.add_argument("--rows", type=int, help="cache only the first N prompts")
+    p_cache.add_argument("--shard-size", type=int, default=256, help="rows per shard (default 256)")
+    _add_debug(p_cache)
+
+    p_serve = sub.add_parser(
+        "serve-teacher", help="serve a local model over the OpenAI/vLLM completions protocol",
+        description="A small OpenAI-compatible /v1/completions server (prompt_logprobs, token-id prompts) for "
+        "teacher.kind=served when vLLM is not available. Binds 127.0.0.1 by default.",
+    )
+    p_serve.add_argument("model", help="model directory or hub id")
+    p_serve.add_argument("--host", default="127.0.0.1")
+    p_serve.add_argument("--port", type=int, default=8000)
+    p_serve.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16", "auto"))
+    p_serve.add_argument("--api-key-env", help="require the API key held in this environment variable")
+    p_serve.add_argument("--max-logprobs", type=int, default=20)
+    _add_debug(p_serve)
     return parser
 
 
@@ -187,6 +215,28 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_cache_teacher(args: argparse.Namespace) -> int:
+    from opd.cache import build_teacher_cache
+    from opd.config import load_config
+    from opd.errors import ConfigError
+
+    if args.rows is not None and args.rows < 1:
+        raise ConfigError(f"--rows must be >= 1 (got {args.rows})")
+    if args.shard_size < 1:
+        raise ConfigError(f"--shard-size must be >= 1 (got {args.shard_size})")
+    config = load_config(args.config, args.overrides)
+    build_teacher_cache(config, args.out, source=args.source, rows=args.rows, shard_size=args.shard_size)
+    return 0
+
+
+def _cmd_serve_teacher(args: argparse.Namespace) -> int:
+    from opd.serve import serve
+
+    serve(args.model, host=args.host, port=args.port, dtype=args.dtype, api_key_env=args.api_key_env,
+          max_logprobs=args.max_logprobs)
+    return 0
+
+
 def _one_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return text[0] if text else type(exc).__name__
@@ -203,7 +253,8 @@ def main(argv: list[str] | None = None) -> int:
 
     hf_logging.disable_progress_bar()  # opd prints its own progress
     handlers: dict[str, Any] = {"train": _cmd_train, "eval": _cmd_eval, "demo": _cmd_demo, "recipes": _cmd_recipes,
-                                "report": _cmd_report}
+                                "report": _cmd_report, "cache-teacher": _cmd_cache_teacher,
+                                "serve-teacher": _cmd_serve_teacher}
     debug = getattr(args, "debug", False)
     from opd.errors import OpdError
 

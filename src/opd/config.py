@@ -40,11 +40,13 @@ class ModelConfig(_Section):
 
 
 class TeacherConfig(_Section):
-    kind: Literal["local", "self", "text", "cross_tokenizer"] = Field(
+    kind: Literal["local", "self", "text", "cross_tokenizer", "served", "cache"] = Field(
         "local", description="What the teacher is. `local`: a white-box model with full logits; `self`: the student "
         "itself shown privileged context (`context_template`), as in OPSD / SDFT; `text`: a black box whose "
         "generated text is all that is used (GAD, SeqKD) — written by `model`, or the data's answers when unset; "
-        "`cross_tokenizer`: a white-box model with its own tokenizer (loss.objective=uld).",
+        "`cross_tokenizer`: a white-box model with its own tokenizer (loss.objective=uld); `served`: an "
+        "OpenAI-compatible completions server (vLLM, opd serve-teacher) giving sampled-token and top-k log-probs; "
+        "`cache`: top-k log-probs stored by opd cache-teacher.",
     )
     context_template: str = Field(
         "{prompt}", description="Self-teacher prompt; `{prompt}`, `{answer}` and any other data field are filled "
@@ -54,6 +56,18 @@ class TeacherConfig(_Section):
         "ema", description="Self-teacher weights: the live student, a frozen copy of the initial student, or an EMA.",
     )
     ema_decay: float = Field(0.99, ge=0.0, lt=1.0, description="EMA decay of the self-teacher per optimizer step.")
+    url: str | None = Field(None, description="Served teacher: base URL of the completions server.")
+    served_model: str | None = Field(None, description="Served teacher: model name sent in requests (default: model).")
+    api_key_env: str | None = Field(
+        "OPD_TEACHER_API_KEY", description="Served teacher: environment variable holding the API key (sent as a "
+        "Bearer token if set; the key itself is never stored in configs or logs).",
+    )
+    timeout_s: float = Field(60.0, gt=0.0, description="Served teacher: seconds to wait for one request.")
+    max_retries: int = Field(5, ge=0, description="Served teacher: retries (exponential backoff) before failing.")
+    backoff_s: float = Field(0.5, ge=0.0, description="Served teacher: first retry delay, doubled each retry.")
+    concurrency: int = Field(4, ge=1, description="Served teacher: requests in flight at once.")
+    request_batch: int = Field(8, ge=1, description="Served teacher: sequences per request.")
+    cache: str | None = Field(None, description="Cached teacher: directory written by opd cache-teacher.")
     model: str | None = Field(None, description="Teacher model directory or hub id (required for `local`).")
     tokenizer: str | None = Field(None, description="Teacher tokenizer; defaults to `model`.")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
@@ -287,14 +301,30 @@ class RunConfig(_Section):
             raise ValueError("loss.objective=uld supports student samples and dataset answers as behaviour policy")
         if loss.objective == "gad" and rollout.samples_per_prompt < 2:
             raise ValueError("loss.objective=gad normalises rewards within groups; set rollout.samples_per_prompt>=2")
-        if self.teacher.kind == "self":
+        if self.teacher.kind in ("served", "cache"):
+            what = "teacher.url" if self.teacher.kind == "served" else "teacher.cache"
+            if (self.teacher.url if self.teacher.kind == "served" else self.teacher.cache) is None:
+                raise ValueError(f"teacher.kind={self.teacher.kind} needs {what}")
+            if not (loss.objective in ("sampled_token_pg", "kdrl") or (
+                    loss.objective == "divergence" and self.teacher.top_k is not None) or (
+                    self.teacher.kind == "served" and loss.objective == "nll")):
+                raise ValueError(f"teacher.kind={self.teacher.kind} gives sampled-token and top-k log-probs, not "
+                                 "logits: use loss.objective=sampled_token_pg or kdrl, or divergence with "
+                                 "teacher.top_k")
+            if loss.entropy_threshold is not None or loss.reward_scale != 1.0 or rollout.sampler != "student":
+                raise ValueError(f"teacher.kind={self.teacher.kind} cannot drive entropy_threshold, reward_scale "
+                                 "or co-sampling (they need the teacher's logits)")
+            if self.temperature != 1.0:
+                raise ValueError(f"teacher.kind={self.teacher.kind} returns log-probs at temperature 1; "
+                                 "set temperature=1")
+        elif self.teacher.kind == "self":
             if self.teacher.model is not None:
                 raise ValueError("teacher.kind=self uses the student as its own teacher; leave teacher.model unset")
             if rollout.sampler != "student" or (rollout.on_policy_fraction < 1.0
                                                 and rollout.off_policy_source == "teacher"):
                 raise ValueError("teacher.kind=self only scores student rollouts; use rollout.sampler=student and "
                                  "off_policy_source=dataset")
-        elif needs_teacher and self.teacher.model is None:
+        elif needs_teacher and self.teacher.model is None and self.teacher.kind not in ("served", "cache"):
             raise ValueError("teacher.model is required for this recipe (set teacher.model=PATH)")
         if self.rollout.prefix_tokens_final is not None and self.rollout.prefix_tokens is None:
             raise ValueError("rollout.prefix_tokens_final needs rollout.prefix_tokens (the starting length)")

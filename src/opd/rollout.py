@@ -45,6 +45,7 @@ class SequenceBatch:
     sampler_logprobs_BC: torch.Tensor | None = None
     examples: list[Example] | None = None  # the rows behind each sequence (rewards need references)
     group_B: torch.Tensor | None = None  # prompt index of each sequence (samples_per_prompt > 1)
+    teacher_signal: Any = None  # cached / served teacher log-probs travelling with the batch
 
     @property
     def completion_len(self) -> int:

@@ -206,3 +206,212 @@ class SelfTeacher:
 
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[list[int]]:
         raise DataError("the self-teacher only scores student rollouts; it does not write off-policy answers")
+
+
+class TeacherServerError(ModelError):
+    """The teacher server could not be reached or kept answering wrongly."""
+
+
+class _BadResponse(Exception):
+    """A response that arrived but cannot be trusted (truncated, not JSON, wrong shape)."""
+
+
+class ServedTeacher:
+    """A teacher behind an OpenAI-compatible completions server (vLLM, ``opd serve-teacher``).
+
+    Sequences go out as token ids (no re-tokenisation drift) with ``prompt_logprobs: k``; the
+    answer gives, per completion token, its log-prob and the teacher's top-k. Requests carry
+    ``request_batch`` sequences each and run ``concurrency`` at a time. A timeout, a dropped
+    connection, HTTP 429/5xx, a body that is not valid JSON or a response whose shape does not
+    match the request (missing positions, missing tokens) is retried with exponential backoff;
+    after ``max_retries`` retries the step fails with one line. Nothing is ever filled in or
+    guessed, so no batch is silently mis-scored. The API key is read from the environment
+    variable named by ``teacher.api_key_env`` and never logged or saved.
+    """
+
+    kind = "served"
+
+    def __init__(self, cfg: TeacherConfig, student_tokenizer: Any, *, temperature: float = 1.0) -> None:
+        import os
+        import random
+
+        if not cfg.url:
+            raise ModelError("teacher.kind=served needs teacher.url (e.g. http://127.0.0.1:8000)")
+        self.url = cfg.url.rstrip("/")
+        self.model_name = cfg.served_model or cfg.model or "default"
+        self.name = f"{self.model_name} at {self.url}"
+        self.top_k = cfg.top_k or 0
+        self.timeout = cfg.timeout_s
+        self.max_retries = cfg.max_retries
+        self.backoff = cfg.backoff_s
+        self.concurrency = cfg.concurrency
+        self.request_batch = cfg.request_batch
+        self.tokenizer = student_tokenizer
+        self.chat_template = getattr(student_tokenizer, "chat_template", None)
+        self._api_key = os.environ.get(cfg.api_key_env) if cfg.api_key_env else None
+        self._jitter = random.Random(0)  # private: never touches the checkpointed global RNG
+        self.stats = {"requests": 0.0, "retries": 0.0, "timeouts": 0.0, "http_errors": 0.0,
+                      "connection_errors": 0.0, "bad_responses": 0.0}
+        self._lock = __import__("threading").Lock()
+
+    # -- transport -------------------------------------------------------------------------------
+    def _request(self, body: dict[str, Any], check: Any) -> Any:
+        """POST ``body`` and return ``check(answer)``; transport errors, HTTP 429/5xx and answers
+        that fail ``check`` (raising _BadResponse) are retried with exponential backoff."""
+        import http.client
+        import json
+        import time
+        import urllib.error
+        import urllib.request
+
+        payload = json.dumps(body).encode()
+        headers = {"Content-Type": "application/json"}
+        if self._api_key:
+            headers["Authorization"] = f"Bearer {self._api_key}"
+        last = "no attempt"
+        for attempt in range(self.max_retries + 1):
+            if attempt:
+                with self._lock:
+                    self.stats["retries"] += 1
+                    delay = self.backoff * 2 ** (attempt - 1) * (0.75 + 0.5 * self._jitter.random())
+                time.sleep(delay)
+            with self._lock:
+                self.stats["requests"] += 1
+            request = urllib.request.Request(f"{self.url}/v1/completions", data=payload, headers=headers)
+            try:
+                with urllib.request.urlopen(request, timeout=self.timeout) as response:
+                    raw = response.read()
+                try:
+                    answer = json.loads(raw)
+                except ValueError:
+                    raise _BadResponse(f"invalid JSON ({len(raw)} bytes)") from None
+                return check(answer)
+            except urllib.error.HTTPError as exc:
+                if exc.code in (429, 500, 502, 503, 504):
+                    kind, last = "http_errors", f"HTTP {exc.code}"
+                else:
+                    detail = exc.read()[:200].decode(errors="replace")
+                    raise TeacherServerError(f"teacher server {self.url} rejected the request: HTTP {exc.code} "
+                                             f"{detail.strip()}") from None
+            except TimeoutError:
+                kind, last = "timeouts", f"no answer within {self.timeout:g}s"
+            except (urllib.error.URLError, http.client.HTTPException, ConnectionError, OSError) as exc:
+                reason = getattr(exc, "reason", exc)
+                if isinstance(reason, TimeoutError):
+                    kind, last = "timeouts", f"no answer within {self.timeout:g}s"
+                else:
+                    kind, last = "connection_errors", f"{type(exc).__name__}: {reason}"
+            except _BadResponse as exc:
+                kind, last = "bad_responses", str(exc)
+            with self._lock:
+                self.stats[kind] += 1
+        raise TeacherServerError(f"teacher server {self.url} failed {self.max_retries + 1} times in a row "
+                                 f"(last: {last}); check the server or raise teacher.max_retries / timeout_s")
+
+    def _map(self, fn: Any, chunks: list[Any]) -> list[Any]:
+        if self.concurrency <= 1 or len(chunks) <= 1:
+            return [fn(c) for c in chunks]
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=self.concurrency) as pool:
+            return list(pool.map(fn, chunks))
+
+    # -- scoring ---------------------------------------------------------------------------------
+    def _score_chunk(self, sequences: list[tuple[list[int], int]]) -> list[tuple[list[float], list[list[int]],
+                                                                               list[list[float]]]]:
+        """For (ids, first completion position) pairs: token log-probs and top-k per completion token."""
+        k = self.top_k
+        body = {"model": self.model_name, "prompt": [ids for ids, _ in sequences], "max_tokens": 1,
+                "temperature": 1.0, "prompt_logprobs": k, "return_tokens_as_token_ids": True}
+
+        def check(response: dict[str, Any]) -> list[Any]:
+            choices = response.get("choices") if isinstance(response, dict) else None
+            if not isinstance(choices, list) or len(choices) != len(sequences):
+                raise _BadResponse(f"expected {len(sequences)} choices")
+            out = []
+            for choice, (ids, start) in zip(sorted(choices, key=lambda c: c.get("index", 0)), sequences):
+                entries = choice.get("prompt_logprobs")
+                if not isinstance(entries, list) or len(entries) != len(ids):
+                    raise _BadResponse("prompt_logprobs do not cover the sequence")
+                token_lp, top_ids, top_lp = [], [], []
+                for pos in range(start, len(ids)):
+                    entry = entries[pos]
+                    if not isinstance(entry, dict) or str(ids[pos]) not in entry:
+                        raise _BadResponse(f"no log-prob for token {ids[pos]} at position {pos}")
+                    token_lp.append(float(entry[str(ids[pos])]["logprob"]))
+                    ranked = sorted(((v["rank"], int(t), float(v["logprob"])) for t, v in entry.items()
+                                     if v.get("rank") is not None and v["rank"] <= k))
+                    if len(ranked) < k:
+                        raise _BadResponse(f"{len(ranked)} of {k} top log-probs at position {pos}")
+                    top_ids.append([t for _, t, _ in ranked[:k]])
+                    top_lp.append([lp for _, _, lp in ranked[:k]])
+                out.append((token_lp, top_ids, top_lp))
+            return out
+
+        return self._request(body, check)
+
+    def score_signal(self, batch: SequenceBatch) -> Any:
+        """The teacher's log-probs of the batch's completion tokens (and top-k), as a TeacherSignal."""
+        from opd.cache import TeacherSignal
+
+        lengths = batch.completion_mask_BC.sum(-1).long().tolist()
+        sequences = []
+        for i, n in enumerate(lengths):
+            prompt = batch.input_ids_BT[i, : batch.prompt_len][batch.attention_mask_BT[i, : batch.prompt_len].bool()]
+            ids = prompt.tolist() + batch.completion_ids_BC[i, :n].tolist()
+            sequences.append((ids, len(ids) - n))
+        chunks = [sequences[i : i + self.request_batch] for i in range(0, len(sequences), self.request_batch)]
+        results = [r for chunk in self._map(self._score_chunk, chunks) for r in chunk]
+        B, C, k = len(lengths), batch.completion_len, max(self.top_k, 1)
+        token_lp = torch.zeros(B, C)
+        top_lp = torch.zeros(B, C, k)
+        top_ids = torch.zeros(B, C, k, dtype=torch.long)
+        for i, (lp, ids, tops) in enumerate(results):
+            n = len(lp)
+            if n:
+                token_lp[i, :n] = torch.tensor(lp)
+                if self.top_k:
+                    top_ids[i, :n] = torch.tensor(ids)
+                    top_lp[i, :n] = torch.tensor(tops)
+        return TeacherSignal(token_lp, top_lp if self.top_k else None, top_ids if self.top_k else None)
+
+    def score(self, batch: SequenceBatch) -> Any:
+        return self.score_signal(batch)
+
+    # -- generation (SeqKD, GAD's teacher text) -----------------------------------------------------
+    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[list[int]]:
+        eos = self.tokenizer.eos_token_id
+
+        def run(chunk: list[list[int]]) -> list[list[int]]:
+            body: dict[str, Any] = {"model": self.model_name, "prompt": chunk, "max_tokens": params.max_new_tokens,
+                                    "temperature": 0.0 if params.greedy else params.temperature,
+                                    "top_p": params.top_p, "return_token_ids": True}
+            if params.top_k:
+                body["top_k"] = params.top_k
+
+            def check(response: dict[str, Any]) -> list[list[int]]:
+                choices = response.get("choices") if isinstance(response, dict) else None
+                if not isinstance(choices, list) or len(choices) != len(chunk):
+                    raise _BadResponse(f"expected {len(chunk)} choices")
+                outs = []
+                for choice in sorted(choices, key=lambda c: c.get("index", 0)):
+                    ids = choice.get("token_ids")
+                    if not isinstance(ids, list):
+                        raise _BadResponse("no token_ids in the answer (is return_token_ids supported?)")
+                    ids = [int(t) for t in ids]
+                    if choice.get("finish_reason") == "stop" and (not ids or ids[-1] != eos):
+                        ids.append(eos)  # the server stopped at EOS without returning it
+                    outs.append(ids[: params.max_new_tokens])
+                return outs
+
+            return self._request(body, check)
+
+        chunks = [prompts[i : i + self.request_batch] for i in range(0, len(prompts), self.request_batch)]
+        return [ids for chunk in self._map(run, chunks) for ids in chunk]
+
+    def pop_stats(self) -> dict[str, float]:
+        with self._lock:
+            out = {f"teacher/{k}": v for k, v in self.stats.items()}
+            for key in self.stats:
+                self.stats[key] = 0.0
+        return out

@@ -34,6 +34,7 @@ import yaml
 
 from opd import checkpoint as ckpt
 from opd import divergences, objectives
+from opd.cache import TeacherCache, TeacherSignal
 from opd.config import RunConfig, dump_config
 from opd.data import Example, load_examples
 from opd.discriminator import Discriminator, DiscriminatorTrainer
@@ -42,7 +43,7 @@ from opd.eval import evaluate, reference_nll, resolve_first_error, resolve_score
 from opd.metrics import MetricsLogger
 from opd.models import completion_logits, load_causal_lm, load_tokenizer, shared_vocab_size
 from opd.rollout import AdaptiveOffPolicy, BehaviourPolicy, SamplingParams, SequenceBatch, build_batch
-from opd.teachers import LocalTeacher, SelfTeacher
+from opd.teachers import LocalTeacher, SelfTeacher, ServedTeacher
 from opd.verifiers import batch_rewards, resolve_verifier
 
 # Keys that may change between a run and its resume without breaking exactness
@@ -50,6 +51,9 @@ from opd.verifiers import batch_rewards, resolve_verifier
 _RESUMABLE_CHANGES = {
     "train.steps", "train.output_dir", "train.progress", "train.tensorboard", "train.eval_every",
     "train.save_every", "train.keep_checkpoints", "train.log_every", "train.threads",
+    # where and how a served teacher is reached (not what it computes)
+    "teacher.url", "teacher.timeout_s", "teacher.max_retries", "teacher.backoff_s", "teacher.concurrency",
+    "teacher.request_batch", "teacher.api_key_env",
 }
 
 
@@ -202,7 +206,12 @@ def train(config: RunConfig, *, resume: bool = False, log: Any = print) -> Train
     student = load_causal_lm(config.model.student, dtype=config.model.dtype,
                              trust_remote_code=config.model.trust_remote_code)
     teacher: Any = None
-    if config.teacher.kind == "self":
+    cache: TeacherCache | None = None
+    if config.teacher.kind == "served":
+        teacher = ServedTeacher(config.teacher, tokenizer)
+    elif config.teacher.kind == "cache":
+        cache = open_cache(config, tokenizer)
+    elif config.teacher.kind == "self":
         teacher = SelfTeacher(student, tokenizer, config.teacher)  # copies the initial weights when not live
     elif config.teacher.model:
         teacher = LocalTeacher.from_config(config.teacher, tokenizer)
@@ -261,7 +270,7 @@ def train(config: RunConfig, *, resume: bool = False, log: Any = print) -> Train
 
     student.to(accelerator.device)
     for frozen in (teacher, reference):
-        if frozen is not None:
+        if getattr(frozen, "model", None) is not None:  # a served teacher has no local model
             frozen.model.to(accelerator.device)
     # A self-teacher's EMA weights are training state: checkpointed and restored with the student.
     teacher_state = {"teacher_ema": teacher.model} if isinstance(teacher, SelfTeacher) and \
@@ -286,7 +295,9 @@ def train(config: RunConfig, *, resume: bool = False, log: Any = print) -> Train
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda_factory(config.optim, config.train.steps))
     model, optimizer = accelerator.prepare(student, optimizer)
 
-    stream = ExampleStream(train_examples, config.train.seed, accelerator.process_index, accelerator.num_processes)
+    # A cached teacher replays its stored rollouts; the stream then walks the cache's rows.
+    rows: list[Any] = list(range(cache.rows)) if cache is not None else train_examples
+    stream = ExampleStream(rows, config.train.seed, accelerator.process_index, accelerator.num_processes)
     policy = BehaviourPolicy(config.rollout, config.temperature, tokenizer, teacher, vocab_size)
     # Evaluation's teacher divergence needs the student's vocabulary on both sides.
     eval_teacher = teacher if isinstance(teacher, SelfTeacher) or (
@@ -376,7 +387,11 @@ def train(config: RunConfig, *, resume: bool = False, log: Any = print) -> Train
         source = adaptive.choose(step, config.train.steps) if adaptive is not None else None
         for _ in range(config.train.grad_accum):
             prompts = stream.next(config.train.batch_size)
-            if source == "replay":
+            if cache is not None:
+                batch = cache.batch(prompts, tokenizer.pad_token_id)
+                metrics = {"rollout/cached_fraction": 1.0,
+                           "rollout/completion_tokens_mean": batch.num_tokens / len(prompts)}
+            elif source == "replay":
                 batch = adaptive.replay(config.train.batch_size, tokenizer.pad_token_id)
                 metrics = {"rollout/on_policy_fraction": 0.0}
             else:
@@ -401,7 +416,8 @@ def train(config: RunConfig, *, resume: bool = False, log: Any = print) -> Train
         ], device=accelerator.device)
         step_tokens, generated, teacher_generated = accelerator.reduce(local_counts, reduction="sum").tolist()
         counters["student_generated_tokens"] += generated
-        counters["teacher_scored_tokens"] += step_tokens if config.loss.objective not in ("nll", "gad") else 0.0
+        teacher_scores = config.loss.objective not in ("nll", "gad") and cache is None
+        counters["teacher_scored_tokens"] += step_tokens if teacher_scores else 0.0
         counters["teacher_generated_tokens"] += teacher_generated
 
         step_loss, teacher_s, student_s = 0.0, 0.0, 0.0
@@ -414,8 +430,13 @@ def train(config: RunConfig, *, resume: bool = False, log: Any = print) -> Train
                 input_ids = batch.input_ids_BT.to(accelerator.device)
                 attention = batch.attention_mask_BT.to(accelerator.device)
                 with torch.no_grad():
-                    teacher_logits = teacher.score(batch).to(accelerator.device) \
-                        if config.loss.objective not in ("nll", "gad", "uld") else None
+                    teacher_logits = None
+                    if cache is not None:
+                        teacher_logits = batch.teacher_signal
+                    elif config.loss.objective not in ("nll", "gad", "uld"):
+                        teacher_logits = teacher.score(batch)
+                        if isinstance(teacher_logits, torch.Tensor):
+                            teacher_logits = teacher_logits.to(accelerator.device)
                     if cross is not None:
                         cross["logits"], cross["ids"], cross["alignments"] = teacher.score_cross(batch)
                 rewards, disc_metrics = None, {}
@@ -491,6 +512,8 @@ def train(config: RunConfig, *, resume: bool = False, log: Any = print) -> Train
                 **{f"compute/{key}": value for key, value in counters.items()},
             }
             row["train/grad_norm"] = grad_norm
+            if isinstance(teacher, ServedTeacher):
+                row.update(teacher.pop_stats())  # requests, retries, timeouts, ... since the last row
             # Loss-side sums (e.g. loss/divergence_sum) become per-token means over the global step.
             for key in sorted(loss_sums):
                 total = float(accelerator.reduce(torch.tensor(loss_sums[key], device=accelerator.device),
@@ -583,6 +606,39 @@ def _teacher_answers(
     return answers
 
 
+def cache_settings(config: RunConfig, tokenizer: Any, source: str) -> dict[str, Any]:
+    """What a teacher cache depends on; a cache is reused only when all of it matches."""
+    import hashlib
+
+    vocab_digest = hashlib.sha256(json_dumps_sorted(tokenizer.get_vocab()).encode()).hexdigest()[:16]
+    return {"student": config.model.student, "teacher": config.teacher.model or config.teacher.url,
+            "data": config.data.train, "top_k": config.teacher.top_k or 0, "temperature": config.temperature,
+            "max_new_tokens": config.rollout.max_new_tokens, "source": source, "seed": config.train.seed,
+            "vocab": len(tokenizer), "vocab_digest": vocab_digest}
+
+
+def json_dumps_sorted(data: Any) -> str:
+    import json
+
+    return json.dumps(data, sort_keys=True)
+
+
+def open_cache(config: RunConfig, tokenizer: Any) -> TeacherCache:
+    cache = TeacherCache(config.teacher.cache)
+    settings = cache.settings
+    if settings.get("vocab") != len(tokenizer) or settings.get("vocab_digest") != cache_settings(
+            config, tokenizer, "")["vocab_digest"]:
+        raise OpdError(f"the teacher cache in {config.teacher.cache} was made with another tokenizer "
+                       f"({settings.get('vocab')} tokens); rebuild it for this student")
+    if config.teacher.top_k is not None and config.teacher.top_k > settings["top_k"]:
+        raise OpdError(f"teacher.top_k={config.teacher.top_k} but the cache stores the top {settings['top_k']}; "
+                       "lower teacher.top_k or rebuild the cache with a larger one")
+    if settings.get("temperature") != config.temperature:
+        raise OpdError(f"the teacher cache was scored at temperature {settings.get('temperature')}, "
+                       f"the run uses {config.temperature}")
+    return cache
+
+
 def kd_coef_at(cfg: Any, step: int) -> float:
     """KDRL's linearly annealed KD weight: ``max(kd_coef - kd_coef_decay * (step - 1), kd_coef_min)``."""
     if cfg.kd_coef_decay == 0.0:
@@ -594,7 +650,7 @@ def micro_batch_loss(
     config: RunConfig,
     batch: SequenceBatch,
     student_logits_BCV: torch.Tensor,
-    teacher_logits_BCV: torch.Tensor | None,
+    teacher_logits_BCV: torch.Tensor | TeacherSignal | None,
     *,
     step: int,
     num_tokens: float,
@@ -635,9 +691,19 @@ def micro_batch_loss(
         metrics["reward/discriminator"] = float(rewards_B.mean().item())
         return loss, metrics
     assert teacher_logits_BCV is not None
+    # Served and cached teachers give log-probs of the sampled tokens and their top-k, not logits.
+    signal = teacher_logits_BCV if isinstance(teacher_logits_BCV, TeacherSignal) else None
+    if signal is not None and not (loss_cfg.objective in ("sampled_token_pg", "kdrl") or (
+            loss_cfg.objective == "divergence" and config.teacher.top_k is not None)):
+        raise OpdError(f"teacher.kind={config.teacher.kind} gives sampled-token and top-k log-probs only; use "
+                       "loss.objective=sampled_token_pg / kdrl, or divergence with teacher.top_k")
     if loss_cfg.objective == "divergence" and config.teacher.top_k is not None:
-        top_lp, top_ids = divergences.teacher_topk(teacher_logits_BCV, config.teacher.top_k, mask_BC.bool(),
-                                                   **common)
+        if signal is not None:
+            k = config.teacher.top_k
+            top_lp, top_ids = signal.topk_logprobs_BCK[..., :k].to(device), signal.topk_ids_BCK[..., :k].to(device)
+        else:
+            top_lp, top_ids = divergences.teacher_topk(teacher_logits_BCV, config.teacher.top_k, mask_BC.bool(),
+                                                       **common)
         loss, metrics = objectives.topk_divergence(
             student_logits_BCV, top_lp, top_ids, mask_BC, kind=loss_cfg.divergence, num_tokens=num_tokens,
             support=loss_cfg.topk_support, beta=loss_cfg.beta, alpha=loss_cfg.alpha, **common,
@@ -653,8 +719,11 @@ def micro_batch_loss(
             sampler_logprobs_BC=sampler_BC, clip_eps=loss_cfg.clip_eps, gamma=loss_cfg.gamma, **common,
         )
     else:
-        with torch.no_grad():
-            teacher_lp_BC = objectives.token_logprobs(teacher_logits_BCV, ids_BC, **common)
+        if signal is not None:
+            teacher_lp_BC = signal.token_logprobs_BC.to(device)
+        else:
+            with torch.no_grad():
+                teacher_lp_BC = objectives.token_logprobs(teacher_logits_BCV, ids_BC, **common)
         if loss_cfg.objective == "sampled_token_pg":
             reference_lp_BC = None
             if reference is not None:

@@ -1,0 +1,243 @@
+"""Cached teacher signal (Lightning OPD, arXiv 2604.13010): score a fixed rollout set once.
+
+``opd cache-teacher`` writes, for a fixed set of rollouts, the teacher's log-prob of every
+completion token and its top-k log-probs per position into Arrow IPC shards
+(``part-00000.arrow``, memory-mapped when read) plus ``manifest.json`` holding the settings
+and a SHA-256 per shard. Training with ``teacher.kind: cache`` then reads rollouts and
+teacher signal from the cache instead of sampling and calling a teacher: the teacher costs
+nothing per step, at the price that the rollouts are those of the student that wrote the
+cache (fully on-policy only at the start).
+
+Caching is resumable: shards are written to a temporary name and renamed, the manifest is
+rewritten after each shard, and a restarted run skips the shards already listed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from opd.errors import DataError, RunDirError
+from opd.rollout import SequenceBatch, build_batch
+
+MANIFEST = "manifest.json"
+FORMAT_VERSION = 1
+
+
+@dataclass
+class TeacherSignal:
+    """What a non-white-box teacher gives back for a batch: the log-prob of each completion
+    token ``[B, C]`` and, when available, its top-k log-probs and ids ``[B, C, k]``."""
+
+    token_logprobs_BC: torch.Tensor
+    topk_logprobs_BCK: torch.Tensor | None = None
+    topk_ids_BCK: torch.Tensor | None = None
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _write_manifest(folder: Path, manifest: dict[str, Any]) -> None:
+    tmp = folder / f".{MANIFEST}.tmp"
+    tmp.write_text(json.dumps(manifest, indent=1))
+    os.replace(tmp, folder / MANIFEST)
+
+
+def write_shard(folder: Path, index: int, rows: list[dict[str, Any]]) -> tuple[str, str]:
+    """Write one shard atomically; returns its file name and checksum."""
+    import pyarrow as pa
+
+    table = pa.table({
+        "prompt_ids": pa.array([r["prompt_ids"] for r in rows], type=pa.list_(pa.int32())),
+        "completion_ids": pa.array([r["completion_ids"] for r in rows], type=pa.list_(pa.int32())),
+        "token_logprobs": pa.array([r["token_logprobs"] for r in rows], type=pa.list_(pa.float32())),
+        "topk_ids": pa.array([r["topk_ids"] for r in rows], type=pa.list_(pa.list_(pa.int32()))),
+        "topk_logprobs": pa.array([r["topk_logprobs"] for r in rows], type=pa.list_(pa.list_(pa.float32()))),
+    })
+    name = f"part-{index:05d}.arrow"
+    tmp = folder / f".{name}.tmp"
+    with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
+        writer.write_table(table)
+    with tmp.open("rb") as handle:
+        os.fsync(handle.fileno())
+    os.replace(tmp, folder / name)
+    return name, _sha256(folder / name)
+
+
+def start_or_resume(folder: Path, settings: dict[str, Any]) -> dict[str, Any]:
+    """The manifest to continue from: a fresh one, or the existing one if its settings match."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / MANIFEST
+    if path.exists():
+        manifest = json.loads(path.read_text())
+        if manifest.get("settings") != settings:
+            changed = sorted(k for k in set(settings) | set(manifest.get("settings", {}))
+                             if settings.get(k) != manifest.get("settings", {}).get(k))
+            raise RunDirError(f"{folder} holds a cache made with other settings ({', '.join(changed[:4])}); "
+                              "use another directory")
+        for stale in folder.glob(".part-*.tmp"):
+            stale.unlink()  # a shard cut short by a crash; it is rewritten
+        return manifest
+    manifest = {"format": FORMAT_VERSION, "settings": settings, "shards": [], "rows": 0, "complete": False}
+    _write_manifest(folder, manifest)
+    return manifest
+
+
+def add_shard(folder: Path, manifest: dict[str, Any], rows: list[dict[str, Any]]) -> None:
+    name, digest = write_shard(folder, len(manifest["shards"]), rows)
+    manifest["shards"].append({"file": name, "rows": len(rows), "sha256": digest})
+    manifest["rows"] += len(rows)
+    _write_manifest(folder, manifest)
+
+
+def finish(folder: Path, manifest: dict[str, Any]) -> None:
+    manifest["complete"] = True
+    manifest["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S")
+    _write_manifest(folder, manifest)
+
+
+class TeacherCache:
+    """Read side: memory-mapped shards, verified against their checksums when opened."""
+
+    def __init__(self, folder: str | Path, *, verify: bool = True) -> None:
+        import pyarrow as pa
+
+        self.folder = Path(folder)
+        path = self.folder / MANIFEST
+        if not path.is_file():
+            raise DataError(f"{self.folder} is not a teacher cache (no {MANIFEST}); create one with opd cache-teacher")
+        self.manifest = json.loads(path.read_text())
+        if not self.manifest.get("complete"):
+            raise DataError(f"the teacher cache in {self.folder} is incomplete "
+                            f"({self.manifest.get('rows', 0)} rows); rerun opd cache-teacher to finish it")
+        self.settings = self.manifest["settings"]
+        tables = []
+        for shard in self.manifest["shards"]:
+            file = self.folder / shard["file"]
+            if not file.is_file():
+                raise DataError(f"teacher cache shard {file} is missing")
+            if verify and _sha256(file) != shard["sha256"]:
+                raise DataError(f"teacher cache shard {file} does not match its checksum; rebuild the cache")
+            tables.append(pa.ipc.open_file(pa.memory_map(str(file), "r")).read_all())
+        self.table = pa.concat_tables(tables) if tables else None
+        self.rows = self.manifest["rows"]
+        if self.rows == 0:
+            raise DataError(f"the teacher cache in {self.folder} has no rows")
+
+    def batch(self, indices: list[int], pad_id: int) -> SequenceBatch:
+        """Rows ``indices`` as a batch whose ``teacher_signal`` holds the cached log-probs."""
+        rows = self.table.take(indices).to_pylist()
+        batch = build_batch([r["prompt_ids"] for r in rows], [r["completion_ids"] for r in rows], pad_id)
+        width, k = batch.completion_len, int(self.settings["top_k"])
+        token_lp = torch.zeros(len(rows), width)
+        top_lp = torch.zeros(len(rows), width, k)
+        top_ids = torch.zeros(len(rows), width, k, dtype=torch.long)
+        for i, row in enumerate(rows):
+            n = len(row["completion_ids"])
+            token_lp[i, :n] = torch.tensor(row["token_logprobs"])
+            if n:
+                top_lp[i, :n] = torch.tensor(row["topk_logprobs"])
+                top_ids[i, :n] = torch.tensor(row["topk_ids"])
+        batch.teacher_signal = TeacherSignal(token_lp, top_lp, top_ids)
+        return batch
+
+
+def build_teacher_cache(
+    config: Any, out_dir: str | Path, *, source: str = "student", rows: int | None = None,
+    shard_size: int = 256, log: Any = print,
+) -> Path:
+    """Write (or finish) a teacher cache for ``config``'s student, teacher and prompts.
+
+    ``source``: who writes the cached completions — ``student`` (samples of the student at the
+    run's temperature, seeded per shard so a resumed cache matches an uninterrupted one) or
+    ``dataset`` (the reference answers). The teacher (``local`` or ``served``) stores the
+    log-prob of every completion token and its top ``teacher.top_k`` (at least 1).
+    """
+    from opd.data import load_examples
+    from opd.divergences import teacher_topk
+    from opd.models import load_causal_lm, load_tokenizer, shared_vocab_size
+    from opd.objectives import token_logprobs
+    from opd.rollout import SamplingParams, hf_generate
+    from opd.teachers import LocalTeacher, ServedTeacher
+    from opd.trainer import cache_settings
+
+    if source not in ("student", "dataset"):
+        raise DataError(f"--source must be student or dataset, got {source!r}")
+    if config.teacher.kind not in ("local", "served"):
+        raise DataError(f"a cache is scored by a local or served teacher, not teacher.kind={config.teacher.kind}")
+    folder = Path(out_dir)
+    tokenizer = load_tokenizer(config.model.tokenizer or config.model.student)
+    k = max(1, config.teacher.top_k or 1)
+    settings = cache_settings(config, tokenizer, source)
+    settings["top_k"] = k
+    manifest = start_or_resume(folder, settings)
+    if manifest["complete"]:
+        log(f"{folder}: cache already complete ({manifest['rows']} rows)")
+        return folder
+    examples, _ = load_examples(config.data.train, config.data, tokenizer, limit=rows,
+                                need_answers=source == "dataset")
+    student = load_causal_lm(config.model.student, dtype=config.model.dtype) if source == "student" else None
+    if config.teacher.kind == "served":
+        teacher: Any = ServedTeacher(config.teacher, tokenizer)
+        vocab = len(tokenizer)
+    else:
+        teacher = LocalTeacher.from_config(config.teacher, tokenizer)
+        vocab = shared_vocab_size(tokenizer, teacher.model, *([student] if student is not None else []))
+    params = SamplingParams(max_new_tokens=config.rollout.max_new_tokens, temperature=config.temperature,
+                            top_p=config.rollout.top_p, top_k=config.rollout.top_k, vocab_size=vocab)
+    done = manifest["rows"]
+    started = time.perf_counter()
+    if done:
+        log(f"{folder}: resuming after {done} cached rows")
+    for start in range(done, len(examples), shard_size):
+        chunk = examples[start : start + shard_size]
+        shard = len(manifest["shards"])
+        if student is not None:
+            devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+            with torch.random.fork_rng(devices=devices):
+                torch.manual_seed(config.train.seed * 1_000_003 + shard)
+                completions = []
+                for i in range(0, len(chunk), config.eval.batch_size):
+                    part = chunk[i : i + config.eval.batch_size]
+                    completions += hf_generate(student, [e.prompt_ids for e in part], params, tokenizer)
+        else:
+            completions = [list(e.answer_ids or [])[: params.max_new_tokens] for e in chunk]
+        out_rows = []
+        for i in range(0, len(chunk), config.eval.batch_size):
+            part, comps = chunk[i : i + config.eval.batch_size], completions[i : i + config.eval.batch_size]
+            batch = build_batch([e.prompt_ids for e in part], comps, tokenizer.pad_token_id)
+            if isinstance(teacher, ServedTeacher):
+                teacher.top_k = k
+                signal = teacher.score_signal(batch)
+                token_lp, top_lp, top_ids = signal.token_logprobs_BC, signal.topk_logprobs_BCK, signal.topk_ids_BCK
+            else:
+                logits = teacher.score(batch)
+                ids = batch.completion_ids_BC.to(logits.device)
+                token_lp = token_logprobs(logits, ids, temperature=config.temperature, vocab_size=vocab)
+                top_lp, top_ids = teacher_topk(logits, k, batch.completion_mask_BC.bool().to(logits.device),
+                                               temperature=config.temperature, vocab_size=vocab)
+            for j, (example, completion) in enumerate(zip(part, comps)):
+                n = len(completion)
+                out_rows.append({
+                    "prompt_ids": example.prompt_ids, "completion_ids": completion,
+                    "token_logprobs": token_lp[j, :n].tolist(),
+                    "topk_ids": top_ids[j, :n].tolist(), "topk_logprobs": top_lp[j, :n].tolist(),
+                })
+        add_shard(folder, manifest, out_rows)
+        log(f"{folder}: {manifest['rows']}/{len(examples)} rows cached "
+            f"({time.perf_counter() - started:.0f}s)")
+    finish(folder, manifest)
+    log(f"{folder}: cache complete, {manifest['rows']} rows in {len(manifest['shards'])} shards")
+    return folder

@@ -1,0 +1,215 @@
+"""Served teacher (OpenAI/vLLM completions protocol), faults between opd and it, and the teacher cache.
+
+The server here is opd's own ``serve-teacher`` backend on 127.0.0.1 (a real model behind a real
+HTTP server); the vLLM tier (``-m vllm``) runs the same client against vLLM itself.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import threading
+
+import pytest
+import torch
+
+from conftest import base_overrides
+from opd import divergences, objectives
+from opd.cache import TeacherCache, build_teacher_cache
+from opd.cli import main
+from opd.config import TeacherConfig, load_config
+from opd.fault_proxy import FaultProxy
+from opd.models import completion_logits, load_causal_lm
+from opd.rollout import build_batch
+from opd.serve import CompletionsBackend, make_server
+from opd.teachers import ServedTeacher, TeacherServerError
+
+
+@pytest.fixture(scope="module")
+def server(tiny_setup):
+    backend = CompletionsBackend(str(tiny_setup / "teacher"))
+    srv = make_server(backend)
+    thread = threading.Thread(target=srv.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{srv.server_address[1]}"
+    srv.shutdown()
+    srv.server_close()
+
+
+def _batch(tokenizer):
+    prompts = [tokenizer("1 2 3 =").input_ids, tokenizer("4 =").input_ids, tokenizer("7 8 =").input_ids]
+    completions = [[14, 5, 6, 2], [15, 8], [14, 11, 12, 13, 4, 2]]
+    return build_batch(prompts, completions, tokenizer.pad_token_id)
+
+
+def test_served_scores_equal_the_local_teacher(server, tiny_setup, tokenizer):
+    batch = _batch(tokenizer)
+    served = ServedTeacher(TeacherConfig(kind="served", url=server, top_k=5, request_batch=2), tokenizer)
+    signal = served.score_signal(batch)
+    model = load_causal_lm(str(tiny_setup / "teacher"))
+    logits = completion_logits(model, batch.input_ids_BT, batch.attention_mask_BT, batch.completion_len)
+    vocab = len(tokenizer)
+    mask = batch.completion_mask_BC
+    local_lp = objectives.token_logprobs(logits, batch.completion_ids_BC, vocab_size=vocab)
+    assert ((signal.token_logprobs_BC - local_lp).abs() * mask).max() < 1e-5
+    top_lp, top_ids = divergences.teacher_topk(logits, 5, mask.bool(), vocab_size=vocab)
+    valid = mask.bool()
+    assert torch.equal(signal.topk_ids_BCK[valid], top_ids[valid])
+    assert (signal.topk_logprobs_BCK[valid] - top_lp[valid]).abs().max() < 1e-5
+    # hence the same losses as with the local teacher
+    student = torch.randn(3, batch.completion_len, vocab, requires_grad=True)
+    a, _ = objectives.sampled_token_pg(student, signal.token_logprobs_BC, batch.completion_ids_BC, mask, num_tokens=12)
+    b, _ = objectives.sampled_token_pg(student, local_lp, batch.completion_ids_BC, mask, num_tokens=12)
+    assert torch.allclose(a, b, atol=1e-6)
+    c, _ = objectives.topk_divergence(student, signal.topk_logprobs_BCK, signal.topk_ids_BCK, mask,
+                                      kind="forward_kl", num_tokens=12)
+    d, _ = objectives.topk_divergence(student, top_lp, top_ids, mask, kind="forward_kl", num_tokens=12)
+    assert torch.allclose(c, d, atol=1e-5)
+
+
+@pytest.mark.parametrize("recipe, extra", [("sampled_token_opd", {}), ("topk_fkl", {"teacher.top_k": 5}),
+                                           ("seqkd", {})])
+def test_training_with_a_served_teacher(server, tiny_setup, tmp_path, recipe, extra):
+    out = tmp_path / recipe
+    overrides = base_overrides(tiny_setup, out, **{"teacher.kind": "served", "teacher.url": server,
+                                                   "data.eval": "null", **extra})
+    assert main(["train", recipe, *overrides]) == 0
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["teacher/requests"] >= 1 and rows[-1]["teacher/retries"] == 0
+
+
+def test_faults_are_retried_and_nothing_is_mis_scored(server, tokenizer):
+    batch = _batch(tokenizer)
+    clean = ServedTeacher(TeacherConfig(kind="served", url=server, top_k=3), tokenizer).score_signal(batch)
+    schedule = ["timeout", "http500", "drop", "truncate", "invalid_json", "http503", "slow", "ok"]
+    proxy = FaultProxy(server, schedule=schedule, hold_s=1.0, slow_s=0.2).start()
+    try:
+        cfg = TeacherConfig(kind="served", url=proxy.url, top_k=3, timeout_s=0.6, backoff_s=0.01, max_retries=8,
+                            request_batch=3, concurrency=1)
+        served = ServedTeacher(cfg, tokenizer)
+        got = served.score_signal(batch)
+    finally:
+        proxy.stop()
+    assert torch.equal(got.token_logprobs_BC, clean.token_logprobs_BC)
+    assert torch.equal(got.topk_ids_BCK, clean.topk_ids_BCK)
+    stats = served.pop_stats()
+    # timeout, 500, drop, truncated, invalid JSON, 503 each cost one retry; slow succeeded
+    assert stats["teacher/retries"] == 6
+    assert stats["teacher/timeouts"] == 1 and stats["teacher/http_errors"] == 2
+    assert stats["teacher/bad_responses"] == 2 and stats["teacher/connection_errors"] == 1
+    assert proxy.counts["slow"] == 1
+
+
+def test_retry_budget_exhausted_is_one_line_and_keeps_the_run(server, tiny_setup, tmp_path, capsys):
+    proxy = FaultProxy(server, schedule=["ok"] * 2 + ["http503"] * 100).start()
+    out = tmp_path / "run"
+    try:
+        args = ["train", "sampled_token_opd", *base_overrides(tiny_setup, out, **{
+            "teacher.kind": "served", "teacher.url": proxy.url, "teacher.max_retries": 2, "teacher.backoff_s": 0.01,
+            "teacher.request_batch": 4, "data.eval": "null", "train.steps": 4, "train.save_every": 1})]
+        capsys.readouterr()
+        assert main(args) == 2
+    finally:
+        proxy.stop()
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "failed 3 times in a row" in err and "HTTP 503" in err
+    # the steps that did finish are checkpointed and verify; resume against a healthy server works
+    from opd import checkpoint as ckpt
+
+    done = ckpt.list_checkpoints(out)
+    assert done and all(ckpt.verify_checksums(p) is None for p in done)
+    healthy = [a.replace(proxy.url, server) for a in args]
+    assert main([*healthy, "--resume"]) == 0
+
+
+def test_api_key_from_the_environment_is_required_and_never_written(tiny_setup, tmp_path, tokenizer, monkeypatch,
+                                                                    capsys):
+    backend = CompletionsBackend(str(tiny_setup / "teacher"))
+    srv = make_server(backend, api_key="s3cret-key")
+    assert srv.server_address[0] == "127.0.0.1"
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{srv.server_address[1]}"
+    try:
+        monkeypatch.delenv("OPD_TEACHER_API_KEY", raising=False)
+        without = ServedTeacher(TeacherConfig(kind="served", url=url, backoff_s=0.01), tokenizer)
+        with pytest.raises(TeacherServerError, match="HTTP 401"):
+            without.score_signal(_batch(tokenizer))
+        assert without.pop_stats()["teacher/retries"] == 0  # an auth error is not retried
+        monkeypatch.setenv("OPD_TEACHER_API_KEY", "s3cret-key")
+        out = tmp_path / "run"
+        assert main(["train", "sampled_token_opd", *base_overrides(tiny_setup, out, **{
+            "teacher.kind": "served", "teacher.url": url, "data.eval": "null"})]) == 0
+    finally:
+        srv.shutdown()
+        srv.server_close()
+    for path in out.rglob("*"):
+        if path.is_file() and path.suffix in (".yaml", ".jsonl", ".json"):
+            assert "s3cret-key" not in path.read_text()
+    assert "OPD_TEACHER_API_KEY" in (out / "config.yaml").read_text()  # only the variable's name
+
+
+def test_served_teacher_config_rules():
+    from opd.errors import ConfigError
+
+    base = ["model.student=s", "data.train=d.jsonl", "teacher.kind=served"]
+    with pytest.raises(ConfigError, match="needs teacher.url"):
+        load_config("sampled_token_opd", base)
+    with pytest.raises(ConfigError, match="not logits"):
+        load_config("on_policy_rkl", [*base, "teacher.url=http://127.0.0.1:1"])
+    with pytest.raises(ConfigError, match="temperature=1"):
+        load_config("sampled_token_opd", [*base, "teacher.url=http://127.0.0.1:1", "temperature=0.7"])
+
+
+# --- teacher cache -------------------------------------------------------------------------------------
+
+
+def test_teacher_cache_resumes_to_the_same_bytes_and_trains(tiny_setup, tmp_path, capsys):
+    cfg = load_config("topk_fkl", base_overrides(tiny_setup, tmp_path / "unused", **{"teacher.top_k": 4}))
+    whole = build_teacher_cache(cfg, tmp_path / "whole", rows=12, shard_size=5, log=lambda *_: None)
+    # an interrupted build: the last shard never made it into the manifest
+    part = tmp_path / "part"
+    shutil.copytree(whole, part)
+    manifest = json.loads((part / "manifest.json").read_text())
+    last = manifest["shards"].pop()
+    manifest["rows"] -= last["rows"]
+    manifest["complete"] = False
+    (part / "manifest.json").write_text(json.dumps(manifest))
+    (part / last["file"]).rename(part / f".{last['file']}.tmp")  # cut short mid-write
+    with pytest.raises(Exception, match="incomplete"):
+        TeacherCache(part)
+    build_teacher_cache(cfg, part, rows=12, shard_size=5, log=lambda *_: None)
+    a = json.loads((whole / "manifest.json").read_text())["shards"]
+    b = json.loads((part / "manifest.json").read_text())["shards"]
+    assert [s["sha256"] for s in a] == [s["sha256"] for s in b] and len(a) == 3
+    cache = TeacherCache(whole)
+    assert cache.rows == 12
+    batch = cache.batch([0, 5, 11], 0)
+    signal = batch.teacher_signal
+    mask = batch.completion_mask_BC.bool()
+    assert torch.all(signal.topk_logprobs_BCK[mask][:, 0] >= signal.topk_logprobs_BCK[mask][:, 1])
+    assert torch.all(signal.token_logprobs_BC[mask] <= 0)
+    for recipe, extra in (("topk_fkl", {"teacher.top_k": 4}), ("sampled_token_opd", {})):
+        out = tmp_path / f"train-{recipe}"
+        assert main(["train", recipe, *base_overrides(tiny_setup, out, **{
+            "teacher.kind": "cache", "teacher.cache": str(whole), "teacher.model": "null", "data.eval": "null",
+            **extra})]) == 0
+        rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        assert rows[-1]["rollout/cached_fraction"] == 1.0 and rows[-1]["compute/teacher_scored_tokens"] == 0
+    # a damaged shard is caught before training
+    shard = whole / a[1]["file"]
+    shard.write_bytes(shard.read_bytes()[:-10] + b"0123456789")
+    capsys.readouterr()
+    assert main(["train", "topk_fkl", *base_overrides(tiny_setup, tmp_path / "bad", **{
+        "teacher.kind": "cache", "teacher.cache": str(whole), "teacher.model": "null", "teacher.top_k": 4})]) == 2
+    assert "does not match its checksum" in capsys.readouterr().err
+
+
+def test_cache_cli_and_settings_mismatch(tiny_setup, tmp_path, capsys):
+    out = tmp_path / "cache"
+    args = ["cache-teacher", "topk_fkl", *base_overrides(tiny_setup, tmp_path / "u", **{"teacher.top_k": 3}),
+            "--out", str(out), "--rows", "6", "--shard-size", "4"]
+    assert main(args) == 0
+    assert json.loads((out / "manifest.json").read_text())["complete"]
+    capsys.readouterr()
+    assert main([*args[:-6], "teacher.top_k=5", *args[-6:]]) == 2  # other settings, same dir
+    assert "other settings" in capsys.readouterr().err
