@@ -213,3 +213,55 @@ def test_cache_cli_and_settings_mismatch(tiny_setup, tmp_path, capsys):
     capsys.readouterr()
     assert main([*args[:-6], "teacher.top_k=5", *args[-6:]]) == 2  # other settings, same dir
     assert "other settings" in capsys.readouterr().err
+
+
+# --- multi-teacher routing -------------------------------------------------------------------------------
+
+
+def test_rows_are_routed_to_their_teachers_with_per_teacher_metrics(server, tiny_setup, tmp_path, capsys):
+    rows = [json.loads(line) for line in (tiny_setup / "train.jsonl").read_text().splitlines()]
+    for i, row in enumerate(rows):
+        row["domain"] = ["math", "code", None][i % 3]  # None: the default teacher
+    data = tmp_path / "routed.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "run"
+    overrides = base_overrides(tiny_setup, out, **{
+        "data.train": str(data), "data.eval": "null", "data.teacher_field": "domain", "train.batch_size": 6,
+        "teachers": json.dumps({"math": {"model": str(tiny_setup / "student"), "top_k": 4},  # another model
+                                "code": {"kind": "served", "url": server, "top_k": 4}}),
+        "teacher.top_k": 4, "loss.objective": "divergence"})
+    assert main(["train", "topk_fkl", *overrides]) == 0
+    logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    last = logged[-1]
+    for name in ("math", "code", "default"):
+        assert last[f"teacher/{name}/tokens"] > 0 and last[f"teacher/{name}/divergence_mean"] > -1e-6
+    total = sum(last[f"teacher/{n}/tokens"] for n in ("math", "code", "default"))
+    assert total == last["train/completion_tokens"]
+    # a row naming an unknown teacher is a one-line error before training
+    rows[0]["domain"] = "physics"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    capsys.readouterr()
+    assert main(["train", "topk_fkl", *base_overrides(tiny_setup, tmp_path / "bad", **{
+        "data.train": str(data), "data.teacher_field": "domain", "teacher.top_k": 4,
+        "teachers": json.dumps({"math": {"model": str(tiny_setup / "student"), "top_k": 4}})})]) == 2
+    assert "physics" in capsys.readouterr().err
+
+
+def test_routing_equals_a_single_teacher_when_every_row_goes_to_it(tiny_setup, tmp_path):
+    """Routing every row to a named copy of the default teacher gives the same weights."""
+    from safetensors.torch import load_file
+
+    from opd.trainer import train
+
+    rows = [json.loads(line) for line in (tiny_setup / "train.jsonl").read_text().splitlines()]
+    data = tmp_path / "all.jsonl"
+    data.write_text("".join(json.dumps({**r, "domain": "same"}) + "\n" for r in rows))
+    common = {"data.train": str(data), "data.eval": "null"}
+    train(load_config("on_policy_rkl", base_overrides(tiny_setup, tmp_path / "single", **common)),
+          log=lambda *_: None)
+    routed = base_overrides(tiny_setup, tmp_path / "routed", **common, **{
+        "data.teacher_field": "domain", "teachers": json.dumps({"same": {"model": str(tiny_setup / "teacher")}})})
+    train(load_config("on_policy_rkl", routed), log=lambda *_: None)
+    a = load_file(str(tmp_path / "single" / "final" / "model.safetensors"))
+    b = load_file(str(tmp_path / "routed" / "final" / "model.safetensors"))
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)

@@ -95,6 +95,10 @@ class DataConfig(_Section):
     )
     max_train_examples: int | None = Field(None, ge=1, description="Use only the first N training rows.")
     max_eval_examples: int | None = Field(None, ge=1, description="Use only the first N eval rows.")
+    teacher_field: str | None = Field(
+        None, description="Multi-teacher routing: the row field naming the teacher (a key of `teachers`) that "
+        "scores the row; rows without it go to `teacher`.",
+    )
 
 
 class RolloutConfig(_Section):
@@ -272,6 +276,10 @@ class EvalConfig(_Section):
 class RunConfig(_Section):
     model: ModelConfig
     teacher: TeacherConfig = TeacherConfig()
+    teachers: dict[str, TeacherConfig] = Field(
+        default_factory=dict, description="Named extra teachers for per-row routing by data.teacher_field "
+        "(MiMo / MOPD style); each is a full teacher section.",
+    )
     data: DataConfig
     rollout: RolloutConfig = RolloutConfig()
     loss: LossConfig = LossConfig()
@@ -356,6 +364,21 @@ class RunConfig(_Section):
             if not self.data.eval or not self.train.eval_every:
                 raise ValueError("rollout.adaptive_off_policy updates from validation loss; "
                                  "set data.eval and train.eval_every")
+        if self.teachers or self.data.teacher_field:
+            if not (self.teachers and self.data.teacher_field):
+                raise ValueError("multi-teacher routing needs both `teachers` and data.teacher_field")
+            if loss.objective not in ("divergence", "sampled_token_pg", "minillm", "kdrl") or \
+                    rollout.sampler != "student" or self.teacher.kind == "cache":
+                raise ValueError("multi-teacher routing supports objectives divergence, sampled_token_pg, minillm "
+                                 "and kdrl with student sampling and local / served teachers")
+            for name, routed in self.teachers.items():
+                if routed.kind not in ("local", "served"):
+                    raise ValueError(f"teachers.{name}: routed teachers are local or served, not {routed.kind}")
+                try:
+                    RunConfig.model_validate({**self.model_dump(), "teacher": routed.model_dump(), "teachers": {},
+                                              "data": {**self.data.model_dump(), "teacher_field": None}})
+                except ValidationError as exc:
+                    raise ValueError(f"teachers.{name}: {format_validation_error(exc)}") from None
         if self.loss.objective == "nll" and self.rollout.on_policy_fraction > 0.0:
             raise ValueError(
                 "loss.objective=nll trains on the behaviour policy's own tokens, which is a no-op on "

@@ -59,6 +59,20 @@ class SequenceBatch:
     def num_tokens(self) -> int:
         return int(self.completion_mask_BC.sum().item())
 
+    def select(self, rows: list[int]) -> SequenceBatch:
+        """The sub-batch of ``rows`` (e.g. the sequences routed to one teacher)."""
+        index = torch.tensor(rows, dtype=torch.long)
+
+        def pick(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.index_select(0, index)
+
+        return SequenceBatch(
+            self.input_ids_BT.index_select(0, index), self.attention_mask_BT.index_select(0, index),
+            self.completion_mask_BC.index_select(0, index), self.prompt_len, self.on_policy_B.index_select(0, index),
+            pick(self.sampler_logprobs_BC), [self.examples[i] for i in rows] if self.examples is not None else None,
+            pick(self.group_B),
+        )
+
 
 def truncate_at_eos(tokens: list[int], eos_ids: set[int]) -> list[int]:
     """Cut a generated sequence after its first EOS (kept), dropping the padding after it."""

@@ -215,8 +215,14 @@ def train(config: RunConfig, *, resume: bool = False, log: Any = print) -> Train
         teacher = SelfTeacher(student, tokenizer, config.teacher)  # copies the initial weights when not live
     elif config.teacher.model:
         teacher = LocalTeacher.from_config(config.teacher, tokenizer)
+    # Multi-teacher routing: named teachers, picked per row by data.teacher_field.
+    routed: dict[str, Any] = {}
+    for name, routed_cfg in config.teachers.items():
+        routed[name] = ServedTeacher(routed_cfg, tokenizer) if routed_cfg.kind == "served" else \
+            LocalTeacher.from_config(routed_cfg, tokenizer)
     # A text-only teacher may have its own vocabulary: only white-box teachers share the student's.
-    scoring_teachers = [teacher.model] if isinstance(teacher, LocalTeacher) and teacher.kind == "local" else []
+    scoring_teachers = [t.model for t in [teacher, *routed.values()]
+                        if isinstance(t, LocalTeacher) and t.kind == "local"]
     vocab_size = shared_vocab_size(tokenizer, student, *scoring_teachers)
     gad = config.loss.objective == "gad"
     need_answers = (config.rollout.on_policy_fraction < 1.0 and config.rollout.off_policy_source == "dataset") or (
@@ -235,6 +241,12 @@ def train(config: RunConfig, *, resume: bool = False, log: Any = print) -> Train
         eval_examples, _ = load_examples(config.data.eval, config.data, tokenizer, limit=config.data.max_eval_examples)
     if isinstance(teacher, SelfTeacher):
         teacher.check(train_examples)
+    if routed:
+        unknown = sorted({str(e.extra.get(config.data.teacher_field)) for e in train_examples
+                          if e.extra.get(config.data.teacher_field) not in (None, *routed)})
+        if unknown:
+            raise OpdError(f"data.teacher_field={config.data.teacher_field}: rows name teacher(s) "
+                           f"{', '.join(unknown[:3])} that are not in `teachers` ({', '.join(routed)})")
     if is_main:
         log(f"data: {report.kept} prompts from {config.data.train} "
             f"({report.skipped_overlong} over-long skipped, {report.truncated} truncated)")
@@ -269,7 +281,7 @@ def train(config: RunConfig, *, resume: bool = False, log: Any = print) -> Train
     accelerator.wait_for_everyone()
 
     student.to(accelerator.device)
-    for frozen in (teacher, reference):
+    for frozen in (teacher, reference, *routed.values()):
         if getattr(frozen, "model", None) is not None:  # a served teacher has no local model
             frozen.model.to(accelerator.device)
     # A self-teacher's EMA weights are training state: checkpointed and restored with the student.
@@ -429,6 +441,20 @@ def train(config: RunConfig, *, resume: bool = False, log: Any = print) -> Train
                 t0 = time.perf_counter()
                 input_ids = batch.input_ids_BT.to(accelerator.device)
                 attention = batch.attention_mask_BT.to(accelerator.device)
+                if routed:
+                    t1 = time.perf_counter()
+                    student_logits = completion_logits(model, input_ids, attention, batch.completion_len)
+                    loss, loss_metrics, routed_s = routed_loss(
+                        config, batch, student_logits, teacher, routed, step=step, num_tokens=step_tokens,
+                        vocab_size=vocab_size, tokenizer=tokenizer, verifier=verifier, device=accelerator.device)
+                    for key, value in loss_metrics.items():
+                        loss_sums[key] = loss_sums.get(key, 0.0) + value
+                    accelerator.backward(loss * world)
+                    teacher_s += routed_s
+                    student_s += time.perf_counter() - t1 - routed_s
+                    step_loss += float(loss.detach().item())
+                    del student_logits, loss
+                    continue
                 with torch.no_grad():
                     teacher_logits = None
                     if cache is not None:
@@ -514,8 +540,17 @@ def train(config: RunConfig, *, resume: bool = False, log: Any = print) -> Train
             row["train/grad_norm"] = grad_norm
             if isinstance(teacher, ServedTeacher):
                 row.update(teacher.pop_stats())  # requests, retries, timeouts, ... since the last row
+            # Per-teacher routing: each teacher's tokens and mean divergence (or reverse-KL estimate).
+            for key in sorted(k for k in loss_sums if k.startswith("routes/") and k.endswith("/tokens")):
+                name = key.split("/")[1]
+                tokens = float(accelerator.reduce(torch.tensor(loss_sums[key], device=accelerator.device),
+                                                  "sum").item())
+                signal = float(accelerator.reduce(torch.tensor(loss_sums[f"routes/{name}/signal_sum"],
+                                                               device=accelerator.device), "sum").item())
+                row[f"teacher/{name}/tokens"] = tokens
+                row[f"teacher/{name}/divergence_mean"] = signal / max(tokens, 1.0)
             # Loss-side sums (e.g. loss/divergence_sum) become per-token means over the global step.
-            for key in sorted(loss_sums):
+            for key in sorted(k for k in loss_sums if not k.startswith("routes/")):
                 total = float(accelerator.reduce(torch.tensor(loss_sums[key], device=accelerator.device),
                                                  "sum").item())
                 if key.endswith("_sum"):
@@ -637,6 +672,46 @@ def open_cache(config: RunConfig, tokenizer: Any) -> TeacherCache:
         raise OpdError(f"the teacher cache was scored at temperature {settings.get('temperature')}, "
                        f"the run uses {config.temperature}")
     return cache
+
+
+def routed_loss(
+    config: RunConfig, batch: SequenceBatch, student_logits_BCV: torch.Tensor, default_teacher: Any,
+    routed: dict[str, Any], *, step: int, num_tokens: float, vocab_size: int, tokenizer: Any, verifier: Any,
+    device: torch.device,
+) -> tuple[torch.Tensor, dict[str, float], float]:
+    """Multi-teacher routing (the MiMo / MOPD pattern): each row is scored by the teacher its
+    ``data.teacher_field`` names (the default teacher when absent); every group's loss uses the
+    same global normaliser, so the sum equals one loss over the whole batch."""
+    field_name = config.data.teacher_field
+    groups: dict[str, list[int]] = {}
+    for row, example in enumerate(batch.examples or []):
+        groups.setdefault(str(example.extra.get(field_name) or "default"), []).append(row)
+    total = student_logits_BCV.sum() * 0.0
+    metrics: dict[str, float] = {}
+    teacher_seconds = 0.0
+    for name, rows in groups.items():
+        teacher = routed.get(name, default_teacher)
+        sub = batch.select(rows)
+        cfg = config if name not in routed else config.model_copy(update={"teacher": config.teachers[name]})
+        started = time.perf_counter()
+        with torch.no_grad():
+            scored = teacher.score(sub)
+            if isinstance(scored, torch.Tensor):
+                scored = scored.to(device)
+        teacher_seconds += time.perf_counter() - started
+        index = torch.tensor(rows, device=student_logits_BCV.device)
+        loss, group_metrics = micro_batch_loss(
+            cfg, sub, student_logits_BCV.index_select(0, index), scored, step=step, num_tokens=num_tokens,
+            vocab_size=vocab_size, tokenizer=tokenizer, verifier=verifier,
+        )
+        total = total + loss
+        for key, value in group_metrics.items():
+            metrics[key] = metrics.get(key, 0.0) + value
+        signal = next((v for k, v in group_metrics.items() if k in (
+            "loss/divergence_sum", "teacher/reverse_kl_k1_sum")), 0.0)
+        metrics[f"routes/{name}/tokens"] = metrics.get(f"routes/{name}/tokens", 0.0) + float(sub.num_tokens)
+        metrics[f"routes/{name}/signal_sum"] = metrics.get(f"routes/{name}/signal_sum", 0.0) + signal
+    return total, metrics, teacher_seconds
 
 
 def kd_coef_at(cfg: Any, step: int) -> float:
