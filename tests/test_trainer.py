@@ -230,3 +230,38 @@ def test_prefix_opd_schedule_truncates_rollouts(tiny_setup, tmp_path):
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["rollout/max_new_tokens"] for r in rows] == [2, 3, 4, 5]
     assert all(r["rollout/completion_tokens_mean"] <= r["rollout/max_new_tokens"] for r in rows)
+
+
+def test_lora_student_trains_adapters_and_exports_merged(tiny_setup, tmp_path, capsys):
+    pytest.importorskip("peft")
+    out = tmp_path / "lora"
+    assert main(["train", "on_policy_rkl", *base_overrides(tiny_setup, out, **{
+        "model.lora_r": 4, "optim.lr": 1e-2, "data.eval": "null"})]) == 0
+    assert "compute: generation" in capsys.readouterr().out
+    assert (out / "final" / "adapter" / "adapter_config.json").exists()
+    merged = AutoModelForCausalLM.from_pretrained(out / "final")  # a plain model: adapters merged in
+    base = AutoModelForCausalLM.from_pretrained(tiny_setup / "student")
+    changed = [n for n, p in merged.state_dict().items() if not torch.equal(p, base.state_dict()[n])]
+    assert changed and all("proj" in n for n in changed)  # only the adapted linear layers moved
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["compute/flops_student"] > rows[-1]["compute/flops_generation"] > 0
+
+
+def test_gradient_checkpointing_gives_the_same_weights(tiny_setup, tmp_path):
+    common = {"data.eval": "null", "train.steps": 2}
+    train(load_config("on_policy_rkl", base_overrides(tiny_setup, tmp_path / "plain", **common)),
+          log=lambda *_: None)
+    train(load_config("on_policy_rkl", base_overrides(tiny_setup, tmp_path / "ckpt", **common,
+                                                      **{"train.gradient_checkpointing": True})),
+          log=lambda *_: None)
+    a, b = _weights(tmp_path / "plain" / "final"), _weights(tmp_path / "ckpt" / "final")
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+def test_fp16_on_cpu_is_refused_in_one_line(tiny_setup, tmp_path, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("has a GPU")
+    assert main(["train", "gkd", *base_overrides(tiny_setup, tmp_path / "r", **{
+        "train.mixed_precision": "fp16"})]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "fp16 needs a CUDA GPU" in err and len(err.splitlines()) == 1

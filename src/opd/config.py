@@ -37,6 +37,15 @@ class ModelConfig(_Section):
         "so keep float32 unless memory forces otherwise.",
     )
     trust_remote_code: bool = Field(False, description="Allow model code from the hub (off by default).")
+    lora_r: int | None = Field(
+        None, ge=1, description="Train LoRA adapters of this rank (PEFT) instead of all weights; the final model "
+        "is saved merged, the adapter alone in final/adapter (null = full fine-tuning).",
+    )
+    lora_alpha: float = Field(32.0, gt=0.0, description="LoRA scaling alpha.")
+    lora_dropout: float = Field(0.0, ge=0.0, lt=1.0, description="LoRA dropout (keep 0 for on-policy losses).")
+    lora_target_modules: list[str] | str = Field(
+        "all-linear", description="Modules that get adapters (PEFT names; `all-linear` = every linear layer).",
+    )
 
 
 class TeacherConfig(_Section):
@@ -249,6 +258,12 @@ class TrainConfig(_Section):
     save_every: int = Field(0, ge=0, description="Checkpoint every N steps (0 = only the final model).")
     keep_checkpoints: int = Field(2, ge=1, description="Keep only the newest N checkpoints.")
     threads: int | None = Field(None, ge=1, description="torch CPU threads (null = torch default).")
+    gradient_checkpointing: bool = Field(
+        False, description="Recompute activations in backward to save memory (student in train mode, dropout 0)."
+    )
+    mixed_precision: Literal["no", "bf16", "fp16"] = Field(
+        "no", description="Autocast for forward/backward (accelerate); fp16 needs a GPU.",
+    )
     max_nonfinite_steps: int = Field(
         5, ge=1, description="Steps with NaN/inf loss or gradient are skipped; stop after this many in a row."
     )

@@ -193,7 +193,9 @@ def train(config: RunConfig, *, resume: bool = False, log: Any = print) -> Train
         torch.set_num_threads(config.train.threads)
     # accelerate only forms a CPU (gloo) process group under torchrun when told it is on CPU.
     on_cpu = not (torch.cuda.is_available() or torch.backends.mps.is_available())
-    accelerator = Accelerator(cpu=on_cpu)
+    if config.train.mixed_precision == "fp16" and not torch.cuda.is_available():
+        raise OpdError("train.mixed_precision=fp16 needs a CUDA GPU; use bf16 or no on CPU")
+    accelerator = Accelerator(cpu=on_cpu, mixed_precision=config.train.mixed_precision)
     is_main = accelerator.is_main_process
     run_dir = check_run_dir(config, resume)
     # Each process gets its own sampling stream (data order is seeded separately, and
@@ -302,8 +304,19 @@ def train(config: RunConfig, *, resume: bool = False, log: Any = print) -> Train
 
     # Dropout stays off: the policy that is scored must be the one that sampled the tokens.
     student.eval()
-    optimizer = torch.optim.AdamW(student.parameters(), lr=config.optim.lr, betas=config.optim.betas,
-                                  eps=config.optim.eps, weight_decay=config.optim.weight_decay)
+    if config.model.lora_r is not None:
+        student = add_lora(student, config.model)
+    if config.train.gradient_checkpointing:
+        # transformers only checkpoints in train mode, so dropout is zeroed instead of using eval().
+        disable_dropout(student)
+        student.train()
+        student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    flops_per_token = {"student": 2.0 * sum(p.numel() for p in student.parameters()),
+                       "teacher": 2.0 * sum(p.numel() for p in getattr(teacher, "model", torch.nn.Linear(1, 1))
+                                            .parameters()) if isinstance(teacher, (LocalTeacher, SelfTeacher)) else 0.0}
+    optimizer = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=config.optim.lr,
+                                  betas=config.optim.betas, eps=config.optim.eps,
+                                  weight_decay=config.optim.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda_factory(config.optim, config.train.steps))
     model, optimizer = accelerator.prepare(student, optimizer)
 
@@ -330,7 +343,8 @@ def train(config: RunConfig, *, resume: bool = False, log: Any = print) -> Train
     start_step = 0
     # cumulative over the whole run (restored on resume)
     counters = {"student_generated_tokens": 0.0, "teacher_scored_tokens": 0.0,
-                "teacher_generated_tokens": upfront_teacher_tokens}
+                "teacher_generated_tokens": upfront_teacher_tokens, "flops_generation": 0.0, "flops_teacher": 0.0,
+                "flops_student": 0.0, "seconds_rollout": 0.0, "seconds_teacher": 0.0, "seconds_student": 0.0}
     if resume:
         if is_main:
             ckpt.clean_stale(run_dir)
@@ -431,6 +445,15 @@ def train(config: RunConfig, *, resume: bool = False, log: Any = print) -> Train
         teacher_scores = config.loss.objective not in ("nll", "gad") and cache is None
         counters["teacher_scored_tokens"] += step_tokens if teacher_scores else 0.0
         counters["teacher_generated_tokens"] += teacher_generated
+        # Estimated FLOPs (2 N per token forward, 6 N forward + backward; N = all parameters):
+        # the survey's C_on ~ N (G_S + rho F_T + F_S + B_S), made visible per phase.
+        sequence_tokens = float(accelerator.reduce(torch.tensor(
+            float(sum(b.attention_mask_BT.sum().item() for b in micro_batches)), device=accelerator.device),
+            reduction="sum").item())
+        prompt_tokens = sequence_tokens - step_tokens
+        counters["flops_generation"] += flops_per_token["student"] * (generated + prompt_tokens * (generated > 0))
+        counters["flops_teacher"] += flops_per_token["teacher"] * sequence_tokens * teacher_scores
+        counters["flops_student"] += 3.0 * flops_per_token["student"] * sequence_tokens
 
         step_loss, teacher_s, student_s = 0.0, 0.0, 0.0
         loss_sums: dict[str, float] = {}
@@ -518,6 +541,9 @@ def train(config: RunConfig, *, resume: bool = False, log: Any = print) -> Train
             scheduler.step()
 
         step_s = time.perf_counter() - step_start
+        counters["seconds_rollout"] += rollout_s
+        counters["seconds_teacher"] += teacher_s
+        counters["seconds_student"] += step_s - rollout_s - teacher_s  # forward, backward, loss, optimizer
         tokens_seen += int(step_tokens)  # global
         tokens_per_s = step_tokens / step_s if step_s > 0 else 0.0
         bar.set_postfix(loss=f"{step_loss:.4f}", tok_s=f"{tokens_per_s:.0f}")
@@ -591,7 +617,15 @@ def train(config: RunConfig, *, resume: bool = False, log: Any = print) -> Train
     final_dir = run_dir / "final"
     if is_main:
         tmp = ckpt.atomic_dir(final_dir)
-        accelerator.unwrap_model(model).save_pretrained(tmp, safe_serialization=True)
+        final_model = accelerator.unwrap_model(model)
+        if config.model.lora_r is not None:
+            import copy
+
+            final_model.save_pretrained(tmp / "adapter", safe_serialization=True)  # the adapter alone
+            final_model = copy.deepcopy(final_model).merge_and_unload()  # a plain model, loadable anywhere
+        if config.train.gradient_checkpointing:
+            final_model.gradient_checkpointing_disable()
+        final_model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         ckpt.commit_dir(tmp, final_dir)
     last_eval = run_eval(config.train.steps) if is_main else {}
@@ -601,10 +635,51 @@ def train(config: RunConfig, *, resume: bool = False, log: Any = print) -> Train
             f"final student in {final_dir}")
         if last_eval:
             log(_eval_line(config.train.steps, last_eval))
+        log(compute_summary(counters))
     metrics_log.close()
     accelerator.wait_for_everyone()
     return TrainResult(run_dir, final_dir, config.train.steps, last_eval, time.perf_counter() - started,
                        counters)
+
+
+def add_lora(student: torch.nn.Module, cfg: Any) -> torch.nn.Module:
+    """Wrap the student with PEFT LoRA adapters; only they are trained."""
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError:
+        raise OpdError("model.lora_r needs the peft package: pip install 'opd[lora]'") from None
+    lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                      target_modules=cfg.lora_target_modules, task_type="CAUSAL_LM")
+    wrapped = get_peft_model(student, lora)
+    wrapped.eval()
+    return wrapped
+
+
+def disable_dropout(model: torch.nn.Module) -> None:
+    """Zero every dropout so train mode (needed by gradient checkpointing) samples like eval mode."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    config = getattr(model, "config", None)
+    for name in ("attention_dropout", "hidden_dropout", "dropout", "attn_pdrop", "resid_pdrop", "embd_pdrop",
+                 "hidden_dropout_prob", "attention_probs_dropout_prob"):
+        if config is not None and isinstance(getattr(config, name, None), float):
+            setattr(config, name, 0.0)
+
+
+def compute_summary(counters: dict[str, float]) -> str:
+    """One line per phase: wall time, estimated FLOPs and tokens."""
+    def fmt(flops: float) -> str:
+        for unit, scale in (("PFLOP", 1e15), ("TFLOP", 1e12), ("GFLOP", 1e9)):
+            if flops >= scale:
+                return f"{flops / scale:.2f} {unit}"
+        return f"{flops / 1e6:.2f} MFLOP"
+
+    return (f"compute: generation {counters['seconds_rollout']:.1f}s ~{fmt(counters['flops_generation'])} "
+            f"({int(counters['student_generated_tokens'])} student tokens); "
+            f"teacher {counters['seconds_teacher']:.1f}s ~{fmt(counters['flops_teacher'])} "
+            f"({int(counters['teacher_scored_tokens'])} tokens scored); "
+            f"student update {counters['seconds_student']:.1f}s ~{fmt(counters['flops_student'])}")
 
 
 def _mean_grads(accelerator: Any) -> Any:
