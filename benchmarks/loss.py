@@ -7,6 +7,7 @@ does not fit fails alone and is recorded as not fitting.
     python benchmarks/loss.py                 # the full grid (slow: the largest cases take minutes)
     python benchmarks/loss.py --quick         # vocab 49,152 and 151,936 at 4 x 512 only
     python benchmarks/loss.py --json out.json
+    python benchmarks/loss.py --device cuda --dtype bfloat16 --quick   # on a GPU (benchmarks/gpu.sh)
 
 Per case: median seconds of forward + backward over ``--reps`` runs (after one warm-up),
 peak memory of the loss computation (peak RSS above the RSS once both logit tensors exist:
@@ -39,14 +40,16 @@ def _rss_mb() -> float:
     return 0.0
 
 
-def run_case(impl: str, vocab: int, batch: int, length: int, beta: float, reps: int, threads: int) -> dict:
+def run_case(impl: str, vocab: int, batch: int, length: int, beta: float, reps: int, threads: int,
+             device: str = "cpu", dtype: str = "float32") -> dict:
     """One implementation on one shape, in this process. Prints a JSON row."""
     import torch
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-    student = torch.randn(batch, length, vocab)
-    teacher = torch.randn(batch, length, vocab)
+    student = torch.randn(batch, length, vocab, device=device, dtype=getattr(torch, dtype))
+    teacher = torch.randn(batch, length, vocab, device=device, dtype=getattr(torch, dtype))
+    cuda = device.startswith("cuda")
     if impl == "opd":
         from opd.divergences import per_token
 
@@ -57,7 +60,7 @@ def run_case(impl: str, vocab: int, batch: int, length: int, beta: float, reps: 
             values = per_token("jsd", logits, teacher, beta=beta)
             loss = values.sum() * scale
             loss.backward()
-            return float(loss.detach())
+            return float(loss.detach().float())
     else:
         os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
         from trl.experimental.gkd import GKDTrainer
@@ -66,7 +69,22 @@ def run_case(impl: str, vocab: int, batch: int, length: int, beta: float, reps: 
             logits = student.detach().requires_grad_()
             loss = GKDTrainer.generalized_jsd_loss(logits, teacher, beta=beta, reduction="sum")
             loss.backward()
-            return float(loss.detach())
+            return float(loss.detach().float())
+
+    if cuda:  # GPU memory: peak allocated above the two logit tensors
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated() / 2**20
+        torch.cuda.reset_peak_memory_stats()
+        value = step()
+        times = []
+        for _ in range(reps):
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            step()
+            torch.cuda.synchronize()
+            times.append(time.perf_counter() - start)
+        return {"value": value, "seconds": statistics.median(times),
+                "peak_mb": torch.cuda.max_memory_allocated() / 2**20 - base}
 
     base_rss = _rss_mb()
     base_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -81,16 +99,18 @@ def run_case(impl: str, vocab: int, batch: int, length: int, beta: float, reps: 
 
 
 def _child(args: argparse.Namespace) -> None:
-    cap = int(args.mem_cap_gb * 2**30)
-    resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
-    row = run_case(args.impl, args.vocab, args.batch, args.length, args.beta, args.reps, args.threads)
+    if args.device == "cpu":  # CUDA needs a large virtual address space; its memory is measured instead
+        cap = int(args.mem_cap_gb * 2**30)
+        resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
+    row = run_case(args.impl, args.vocab, args.batch, args.length, args.beta, args.reps, args.threads,
+                   args.device, args.dtype)
     print("RESULT " + json.dumps(row), flush=True)
 
 
 def _spawn(impl: str, vocab: int, batch: int, length: int, beta: float, args: argparse.Namespace) -> dict | None:
     cmd = [sys.executable, __file__, "--child", impl, "--vocab", str(vocab), "--batch", str(batch),
            "--length", str(length), "--beta", str(beta), "--reps", str(args.reps), "--threads", str(args.threads),
-           "--mem-cap-gb", str(args.mem_cap_gb)]
+           "--mem-cap-gb", str(args.mem_cap_gb), "--device", args.device, "--dtype", args.dtype]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
     except subprocess.TimeoutExpired:
@@ -109,6 +129,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--mem-cap-gb", type=float, default=20.0, help="address-space cap per case")
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds per case")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     parser.add_argument("--child", choices=("opd", "trl"), help=argparse.SUPPRESS)
     parser.add_argument("--impl", help=argparse.SUPPRESS)
     parser.add_argument("--vocab", type=int, help=argparse.SUPPRESS)
@@ -125,7 +147,8 @@ def main() -> None:
     rows = []
     header = (f"{'vocab':>8} {'B x T':>9} {'beta':>5} {'opd s':>8} {'trl s':>8} {'speed-up':>9} "
               f"{'opd MB':>8} {'trl MB':>8} {'mem ratio':>10} {'|diff|':>10} {'rel diff':>9}")
-    print(f"threads={args.threads}, reps={args.reps} (median), memory cap {args.mem_cap_gb} GB per case")
+    print(f"device={args.device} dtype={args.dtype} threads={args.threads}, reps={args.reps} (median), "
+          f"memory cap {args.mem_cap_gb} GB per case (CPU only)")
     print(header)
     print("-" * len(header))
     for vocab in VOCABS:
@@ -155,7 +178,8 @@ def main() -> None:
                       f"{fmt(row['rel_diff'], '9.1e')}", flush=True)
     if args.json:
         with open(args.json, "w") as handle:
-            json.dump({"rows": rows, "threads": args.threads, "reps": args.reps}, handle, indent=2)
+            json.dump({"rows": rows, "threads": args.threads, "reps": args.reps, "device": args.device,
+                       "dtype": args.dtype}, handle, indent=2)
 
 
 if __name__ == "__main__":
