@@ -166,3 +166,22 @@ def test_kdrl_without_reference_answers_is_refused(tiny_setup, tmp_path, capsys)
     code, err = _cli(capsys, ["train", "kdrl", *base_overrides(tiny_setup, tmp_path / "r", **{
         "data.train": str(data)})])
     _check(code, err, "answer")
+
+
+def test_safe_by_default():
+    """Weights only through safetensors or weights_only torch.load; no remote code unless asked."""
+    import ast
+
+    from opd.config import ModelConfig, TeacherConfig
+
+    assert ModelConfig(student="s").trust_remote_code is False
+    assert TeacherConfig().trust_remote_code is False
+    assert TeacherConfig().api_key_env == "OPD_TEACHER_API_KEY"  # a variable name, never the key
+    source = Path(__file__).resolve().parents[1] / "src" / "opd"
+    for path in source.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "load" and \
+                    getattr(node.func.value, "id", None) == "torch":
+                kwargs = {k.arg: k.value for k in node.keywords}
+                assert "weights_only" in kwargs and kwargs["weights_only"].value is True, f"{path}:{node.lineno}"
+            assert not (isinstance(node, ast.Name) and node.id == "pickle"), f"{path} uses pickle"
