@@ -148,7 +148,15 @@ class RolloutConfig(_Section):
         0.1, ge=0.0, description="phi rises when validation loss >= the last recorded value + this."
     )
     replay_buffer_size: int = Field(1000, ge=1, description="Student samples kept for replay (FIFO).")
-    engine: Literal["hf"] = Field("hf", description="Generation engine: `hf` (transformers generate, KV cache).")
+    engine: Literal["hf", "vllm"] = Field(
+        "hf", description="Student generation engine: `hf` (transformers generate, KV cache) or `vllm` (in-process "
+        "vLLM, `pip install 'opd[vllm]'`; returns sampler log-probs for importance weights).",
+    )
+    weight_sync_every: int = Field(
+        1, ge=1, description="vllm engine: push the student's weights every N optimizer steps; in between the "
+        "sampler lags the learner (importance-weighted by the sampler log-probs).",
+    )
+    vllm_kv_cache_gb: float = Field(1.0, gt=0.0, description="vllm engine: KV-cache memory (GiB).")
     prefix_tokens: int | None = Field(
         None, ge=1, description="Prefix OPD (arXiv 2602.15260): stop rollouts after this many tokens at the first "
         "step, so the loss sees only prefixes (null = full rollouts up to max_new_tokens).",
@@ -349,6 +357,12 @@ class RunConfig(_Section):
                                  "off_policy_source=dataset")
         elif needs_teacher and self.teacher.model is None and self.teacher.kind not in ("served", "cache"):
             raise ValueError("teacher.model is required for this recipe (set teacher.model=PATH)")
+        if rollout.engine == "vllm":
+            if rollout.sampler != "student":
+                raise ValueError("rollout.engine=vllm samples the student alone; use rollout.sampler=student")
+            if self.train.save_every and self.train.save_every % rollout.weight_sync_every:
+                raise ValueError("with rollout.engine=vllm, train.save_every must be a multiple of "
+                                 "rollout.weight_sync_every so a resumed run sees the same sampler weights")
         if self.rollout.prefix_tokens_final is not None and self.rollout.prefix_tokens is None:
             raise ValueError("rollout.prefix_tokens_final needs rollout.prefix_tokens (the starting length)")
         if loss.objective in ("sampled_token_pg", "minillm", "kdrl", "gad") and rollout.on_policy_fraction < 1.0:

@@ -19,6 +19,14 @@ def _normaliser(num_tokens: int | float) -> float:
     return float(max(num_tokens, 1))
 
 
+def _sampler_or_current(sampler_lp_BC: torch.Tensor | None, current_lp_BC: torch.Tensor) -> torch.Tensor:
+    """The sampling policy's log-probs; where unknown (None / NaN rows) the current weights'."""
+    current = current_lp_BC.detach()
+    if sampler_lp_BC is None:
+        return current
+    return torch.where(torch.isnan(sampler_lp_BC), current, sampler_lp_BC)
+
+
 def token_divergence(
     student_logits_BCV: torch.Tensor,
     teacher_logits_BCV: torch.Tensor,
@@ -194,7 +202,7 @@ def sampled_token_pg(
     """
     student_lp_BC = token_logprobs(student_logits_BCV, ids_BC, temperature=temperature,
                                    vocab_size=vocab_size, chunk_size=chunk_size)
-    sampler_lp_BC = student_lp_BC.detach() if sampler_logprobs_BC is None else sampler_logprobs_BC
+    sampler_lp_BC = _sampler_or_current(sampler_logprobs_BC, student_lp_BC)
     with torch.no_grad():
         if reward_scale != 1.0:
             if reference_logprobs_BC is None or estimator != "k1":
@@ -307,8 +315,7 @@ def minillm(
                                        vocab_size=vocab_size, chunk_size=chunk_size)
         rewards_BC = (teacher_lp_BC - old_lp_BC) * mask_BC
         advantages_BC = future_mean_returns(rewards_BC, mask_BC, gamma)
-        weights_BC = torch.ones_like(old_lp_BC) if sampler_logprobs_BC is None else \
-            torch.exp(old_lp_BC - sampler_logprobs_BC)
+        weights_BC = torch.exp(old_lp_BC - _sampler_or_current(sampler_logprobs_BC, old_lp_BC))
     single_BC = divergences.per_token("reverse_kl", student_logits_BCV, teacher_logits_BCV, mask_BC.bool(),
                                       temperature=temperature, chunk_size=chunk_size, vocab_size=vocab_size)
     weighted_ratio_BC = torch.exp(student_lp_BC - old_lp_BC) * weights_BC
@@ -356,7 +363,7 @@ def sequence_reward_pg(
     Returns the loss, the student's token log-probs (for extra terms) and metrics."""
     student_lp_BC = token_logprobs(student_logits_BCV, ids_BC, temperature=temperature,
                                    vocab_size=vocab_size, chunk_size=chunk_size)
-    sampler_lp_BC = student_lp_BC.detach() if sampler_logprobs_BC is None else sampler_logprobs_BC
+    sampler_lp_BC = _sampler_or_current(sampler_logprobs_BC, student_lp_BC)
     ratio_BC = torch.exp(student_lp_BC - sampler_lp_BC)
     pg_total = -(ratio_BC * advantages_B[:, None] * mask_BC).sum()
     metrics = {"loss/pg_sum": float(pg_total.detach().item()), "loss/tokens": float(mask_BC.sum().item())}
@@ -392,7 +399,7 @@ def kdrl(
         student_logits_BCV, ids_BC, mask_BC, advantages_B, num_tokens=num_tokens, temperature=temperature,
         vocab_size=vocab_size, sampler_logprobs_BC=sampler_logprobs_BC, chunk_size=chunk_size,
     )
-    sampler_lp_BC = student_lp_BC.detach() if sampler_logprobs_BC is None else sampler_logprobs_BC
+    sampler_lp_BC = _sampler_or_current(sampler_logprobs_BC, student_lp_BC)
     kd_BC = divergences.sampled_token(kd_estimator, student_lp_BC, teacher_logprobs_BC)
     kd_weight_BC = mask_BC if kd_mask_B is None else mask_BC * kd_mask_B[:, None]
     kd_total = (kd_BC * kd_weight_BC).sum()

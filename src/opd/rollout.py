@@ -105,9 +105,13 @@ def build_batch(
     flags = torch.tensor(on_policy if on_policy is not None else [True] * batch, dtype=torch.bool)
     sampler_BC = None
     if sampler_logprobs is not None:
+        # NaN marks rows the sampler did not write (dataset / teacher rows): losses fall back to
+        # the current student there (ratio 1) instead of trusting a made-up value.
         sampler_BC = torch.zeros((batch, completion_len), dtype=torch.float32)
         for i, lps in enumerate(sampler_logprobs):
-            if lps:
+            if lps is None:
+                sampler_BC[i] = float("nan")
+            else:
                 sampler_BC[i, : len(lps)] = torch.tensor(lps, dtype=torch.float32)
     return SequenceBatch(input_ids, attention, completion_mask, prompt_len, flags, sampler_BC)
 
@@ -337,6 +341,7 @@ class BehaviourPolicy:
         self.cfg = cfg
         self.tokenizer = tokenizer
         self.teacher = teacher
+        self.engine: Any = None  # a VLLMEngine when rollout.engine=vllm (set by the trainer)
         self.params = SamplingParams(
             max_new_tokens=cfg.max_new_tokens, temperature=temperature, top_p=cfg.top_p, top_k=cfg.top_k,
             vocab_size=vocab_size,
@@ -370,6 +375,13 @@ class BehaviourPolicy:
             )
             timings["perf/generate_student_s"] = time.perf_counter() - start
             timings.update(co_metrics)
+            sampler_lps = [None] * len(examples)
+            for i, seq, lp in zip(student_idx, outs, lps):
+                completions[i], sampler_lps[i] = seq, lp
+        elif student_idx and self.engine is not None:
+            start = time.perf_counter()
+            outs, lps = self.engine.generate([examples[i].prompt_ids for i in student_idx], self.params)
+            timings["perf/generate_student_s"] = time.perf_counter() - start
             sampler_lps = [None] * len(examples)
             for i, seq, lp in zip(student_idx, outs, lps):
                 completions[i], sampler_lps[i] = seq, lp

@@ -395,223 +395,235 @@ def train(config: RunConfig, *, resume: bool = False, log: Any = print) -> Train
         return results
 
     # --- the loop ----------------------------------------------------------------
-    bar = _progress(config.train.steps, start_step, config.train.progress and is_main)
-    say = bar.write if config.train.progress else log  # messages during the loop
-    world = accelerator.num_processes
-    tokens_seen = 0
-    loop_start = time.perf_counter()
-    last_eval: dict[str, Any] = {}
-    nonfinite_in_a_row = 0
-    skipped_total = 0
-    teacher_writes_off_policy = config.rollout.off_policy_source == "teacher"
-    co_sampling = float(config.rollout.sampler != "student")  # the teacher decodes every on-policy token
-    for step in range(start_step + 1, config.train.steps + 1):
-        step_start = time.perf_counter()
-        unwrapped = accelerator.unwrap_model(model)
-        policy.params.max_new_tokens = rollout_length(config.rollout, step, config.train.steps)
-        micro_batches, rollout_metrics = [], []
-        source = adaptive.choose(step, config.train.steps) if adaptive is not None else None
-        for _ in range(config.train.grad_accum):
-            prompts = stream.next(config.train.batch_size)
-            if cache is not None:
-                batch = cache.batch(prompts, tokenizer.pad_token_id)
-                metrics = {"rollout/cached_fraction": 1.0,
-                           "rollout/completion_tokens_mean": batch.num_tokens / len(prompts)}
-            elif source == "replay":
-                batch = adaptive.replay(config.train.batch_size, tokenizer.pad_token_id)
-                metrics = {"rollout/on_policy_fraction": 0.0}
-            else:
-                batch, metrics = policy.rollout(unwrapped, prompts,
-                                                None if source is None else float(source == "student"))
-                if source == "student":
-                    adaptive.record(batch)
-            if adaptive is not None:
-                metrics.update({"rollout/adaptive_phi": adaptive.phi,
-                                "rollout/replay_fraction": float(source == "replay"),
-                                "rollout/replay_buffer": float(len(adaptive.buffer))})
-            micro_batches.append(batch)
-            rollout_metrics.append(metrics)
-        rollout_s = time.perf_counter() - step_start
+    engine = None
+    weight_sync_s = 0.0
+    if config.rollout.engine == "vllm":
+        engine = _start_engine(config, accelerator, model, tokenizer, log if is_main else None)
+        policy.engine = engine
+    try:
+        bar = _progress(config.train.steps, start_step, config.train.progress and is_main)
+        say = bar.write if config.train.progress else log  # messages during the loop
+        world = accelerator.num_processes
+        tokens_seen = 0
+        loop_start = time.perf_counter()
+        last_eval: dict[str, Any] = {}
+        nonfinite_in_a_row = 0
+        skipped_total = 0
+        teacher_writes_off_policy = config.rollout.off_policy_source == "teacher"
+        co_sampling = float(config.rollout.sampler != "student")  # the teacher decodes every on-policy token
+        for step in range(start_step + 1, config.train.steps + 1):
+            step_start = time.perf_counter()
+            unwrapped = accelerator.unwrap_model(model)
+            policy.params.max_new_tokens = rollout_length(config.rollout, step, config.train.steps)
+            micro_batches, rollout_metrics = [], []
+            source = adaptive.choose(step, config.train.steps) if adaptive is not None else None
+            for _ in range(config.train.grad_accum):
+                prompts = stream.next(config.train.batch_size)
+                if cache is not None:
+                    batch = cache.batch(prompts, tokenizer.pad_token_id)
+                    metrics = {"rollout/cached_fraction": 1.0,
+                               "rollout/completion_tokens_mean": batch.num_tokens / len(prompts)}
+                elif source == "replay":
+                    batch = adaptive.replay(config.train.batch_size, tokenizer.pad_token_id)
+                    metrics = {"rollout/on_policy_fraction": 0.0}
+                else:
+                    batch, metrics = policy.rollout(unwrapped, prompts,
+                                                    None if source is None else float(source == "student"))
+                    if source == "student":
+                        adaptive.record(batch)
+                if adaptive is not None:
+                    metrics.update({"rollout/adaptive_phi": adaptive.phi,
+                                    "rollout/replay_fraction": float(source == "replay"),
+                                    "rollout/replay_buffer": float(len(adaptive.buffer))})
+                micro_batches.append(batch)
+                rollout_metrics.append(metrics)
+            rollout_s = time.perf_counter() - step_start
 
-        local_counts = torch.tensor([
-            float(sum(b.num_tokens for b in micro_batches)),
-            float(sum((b.completion_mask_BC.sum(-1) * b.on_policy_B).sum().item() for b in micro_batches)),
-            float(sum((b.completion_mask_BC.sum(-1) * (~b.on_policy_B if teacher_writes_off_policy
-                                                      else b.on_policy_B * co_sampling)).sum().item()
-                      for b in micro_batches)),
-        ], device=accelerator.device)
-        step_tokens, generated, teacher_generated = accelerator.reduce(local_counts, reduction="sum").tolist()
-        counters["student_generated_tokens"] += generated
-        teacher_scores = config.loss.objective not in ("nll", "gad") and cache is None
-        counters["teacher_scored_tokens"] += step_tokens if teacher_scores else 0.0
-        counters["teacher_generated_tokens"] += teacher_generated
-        # Estimated FLOPs (2 N per token forward, 6 N forward + backward; N = all parameters):
-        # the survey's C_on ~ N (G_S + rho F_T + F_S + B_S), made visible per phase.
-        sequence_tokens = float(accelerator.reduce(torch.tensor(
-            float(sum(b.attention_mask_BT.sum().item() for b in micro_batches)), device=accelerator.device),
-            reduction="sum").item())
-        prompt_tokens = sequence_tokens - step_tokens
-        counters["flops_generation"] += flops_per_token["student"] * (generated + prompt_tokens * (generated > 0))
-        counters["flops_teacher"] += flops_per_token["teacher"] * sequence_tokens * teacher_scores
-        counters["flops_student"] += 3.0 * flops_per_token["student"] * sequence_tokens
+            local_counts = torch.tensor([
+                float(sum(b.num_tokens for b in micro_batches)),
+                float(sum((b.completion_mask_BC.sum(-1) * b.on_policy_B).sum().item() for b in micro_batches)),
+                float(sum((b.completion_mask_BC.sum(-1) * (~b.on_policy_B if teacher_writes_off_policy
+                                                          else b.on_policy_B * co_sampling)).sum().item()
+                          for b in micro_batches)),
+            ], device=accelerator.device)
+            step_tokens, generated, teacher_generated = accelerator.reduce(local_counts, reduction="sum").tolist()
+            counters["student_generated_tokens"] += generated
+            teacher_scores = config.loss.objective not in ("nll", "gad") and cache is None
+            counters["teacher_scored_tokens"] += step_tokens if teacher_scores else 0.0
+            counters["teacher_generated_tokens"] += teacher_generated
+            # Estimated FLOPs (2 N per token forward, 6 N forward + backward; N = all parameters):
+            # the survey's C_on ~ N (G_S + rho F_T + F_S + B_S), made visible per phase.
+            sequence_tokens = float(accelerator.reduce(torch.tensor(
+                float(sum(b.attention_mask_BT.sum().item() for b in micro_batches)), device=accelerator.device),
+                reduction="sum").item())
+            prompt_tokens = sequence_tokens - step_tokens
+            counters["flops_generation"] += flops_per_token["student"] * (generated + prompt_tokens * (generated > 0))
+            counters["flops_teacher"] += flops_per_token["teacher"] * sequence_tokens * teacher_scores
+            counters["flops_student"] += 3.0 * flops_per_token["student"] * sequence_tokens
 
-        step_loss, teacher_s, student_s = 0.0, 0.0, 0.0
-        loss_sums: dict[str, float] = {}
-        for index, batch in enumerate(micro_batches):
-            is_last = index == len(micro_batches) - 1
-            sync = contextlib.nullcontext() if is_last else accelerator.no_sync(model)
-            with sync:
-                t0 = time.perf_counter()
-                input_ids = batch.input_ids_BT.to(accelerator.device)
-                attention = batch.attention_mask_BT.to(accelerator.device)
-                if routed:
+            step_loss, teacher_s, student_s = 0.0, 0.0, 0.0
+            loss_sums: dict[str, float] = {}
+            for index, batch in enumerate(micro_batches):
+                is_last = index == len(micro_batches) - 1
+                sync = contextlib.nullcontext() if is_last else accelerator.no_sync(model)
+                with sync:
+                    t0 = time.perf_counter()
+                    input_ids = batch.input_ids_BT.to(accelerator.device)
+                    attention = batch.attention_mask_BT.to(accelerator.device)
+                    if routed:
+                        t1 = time.perf_counter()
+                        student_logits = completion_logits(model, input_ids, attention, batch.completion_len)
+                        loss, loss_metrics, routed_s = routed_loss(
+                            config, batch, student_logits, teacher, routed, step=step, num_tokens=step_tokens,
+                            vocab_size=vocab_size, tokenizer=tokenizer, verifier=verifier, device=accelerator.device)
+                        for key, value in loss_metrics.items():
+                            loss_sums[key] = loss_sums.get(key, 0.0) + value
+                        accelerator.backward(loss * world)
+                        teacher_s += routed_s
+                        student_s += time.perf_counter() - t1 - routed_s
+                        step_loss += float(loss.detach().item())
+                        del student_logits, loss
+                        continue
+                    with torch.no_grad():
+                        teacher_logits = None
+                        if cache is not None:
+                            teacher_logits = batch.teacher_signal
+                        elif config.loss.objective not in ("nll", "gad", "uld"):
+                            teacher_logits = teacher.score(batch)
+                            if isinstance(teacher_logits, torch.Tensor):
+                                teacher_logits = teacher_logits.to(accelerator.device)
+                        if cross is not None:
+                            cross["logits"], cross["ids"], cross["alignments"] = teacher.score_cross(batch)
+                    rewards, disc_metrics = None, {}
+                    if discriminator is not None:
+                        # GAD: score with the discriminator as it was when the samples were drawn, then update it
+                        # on (teacher text, student text) pairs of the same prompts.
+                        rewards = discriminator.rewards(batch).to(accelerator.device)
+                        teacher_batch = build_batch(
+                            [e.prompt_ids for e in batch.examples[:: config.rollout.samples_per_prompt]],
+                            [teacher_text[id(e)] for e in batch.examples[:: config.rollout.samples_per_prompt]],
+                            tokenizer.pad_token_id,
+                        )
+                        disc_metrics = discriminator.update(batch, teacher_batch, batch.group_B)
                     t1 = time.perf_counter()
                     student_logits = completion_logits(model, input_ids, attention, batch.completion_len)
-                    loss, loss_metrics, routed_s = routed_loss(
-                        config, batch, student_logits, teacher, routed, step=step, num_tokens=step_tokens,
-                        vocab_size=vocab_size, tokenizer=tokenizer, verifier=verifier, device=accelerator.device)
+                    loss, loss_metrics = micro_batch_loss(
+                        config, batch, student_logits, teacher_logits, step=step, num_tokens=step_tokens,
+                        vocab_size=vocab_size, tokenizer=tokenizer, verifier=verifier, reference=reference,
+                        rewards_B=rewards, cross=cross,
+                    )
+                    loss_metrics.update(disc_metrics)
+                    if gad and step <= config.loss.discriminator_warmup_steps:
+                        loss = loss * 0.0  # discriminator warm-up: the student does not move yet
                     for key, value in loss_metrics.items():
                         loss_sums[key] = loss_sums.get(key, 0.0) + value
                     accelerator.backward(loss * world)
-                    teacher_s += routed_s
-                    student_s += time.perf_counter() - t1 - routed_s
+                    teacher_s += t1 - t0
+                    student_s += time.perf_counter() - t1
                     step_loss += float(loss.detach().item())
-                    del student_logits, loss
-                    continue
+                    del student_logits, teacher_logits, loss
+
+            # Every process sees the same global loss and norm, so all skip or all step.
+            step_loss = float(accelerator.reduce(torch.tensor(step_loss, device=accelerator.device), "sum").item())
+            max_norm = config.optim.max_grad_norm if config.optim.max_grad_norm is not None else math.inf
+            grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), max_norm))
+            lr_used = scheduler.get_last_lr()[0]
+            if not (math.isfinite(step_loss) and math.isfinite(grad_norm)):
+                optimizer.zero_grad(set_to_none=True)
+                nonfinite_in_a_row += 1
+                skipped_total += 1
+                if nonfinite_in_a_row >= config.train.max_nonfinite_steps:
+                    raise OpdError(f"loss or gradient was NaN/inf for {nonfinite_in_a_row} steps in a row "
+                                   f"(step {step}); lower optim.lr or check the models")
+            else:
+                nonfinite_in_a_row = 0
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                if isinstance(teacher, SelfTeacher):
+                    teacher.after_step()
+            if engine is not None and step % config.rollout.weight_sync_every == 0:
+                weight_sync_s = engine.update_weights(accelerator.unwrap_model(model))
+            with warnings.catch_warnings():
+                # A skipped step still advances the schedule, so LR stays tied to the step number.
+                warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler")
+                scheduler.step()
+
+            step_s = time.perf_counter() - step_start
+            counters["seconds_rollout"] += rollout_s
+            counters["seconds_teacher"] += teacher_s
+            counters["seconds_student"] += step_s - rollout_s - teacher_s  # forward, backward, loss, optimizer
+            tokens_seen += int(step_tokens)  # global
+            tokens_per_s = step_tokens / step_s if step_s > 0 else 0.0
+            bar.set_postfix(loss=f"{step_loss:.4f}", tok_s=f"{tokens_per_s:.0f}")
+            bar.update(1)
+
+            if step % config.train.log_every == 0 or step == config.train.steps:
+                row: dict[str, Any] = {
+                    "loss/total": step_loss,
+                    "train/lr": lr_used,
+                    "train/skipped_nonfinite_total": skipped_total,
+                    "train/completion_tokens": step_tokens,
+                    "rollout/max_new_tokens": policy.params.max_new_tokens,
+                    "perf/step_s": step_s,
+                    "perf/rollout_s": rollout_s,
+                    "perf/teacher_s": teacher_s,
+                    "perf/student_s": student_s,
+                    "perf/tokens_per_s": tokens_per_s,
+                    **({"perf/weight_sync_s": weight_sync_s} if engine is not None else {}),
+                    **{f"compute/{key}": value for key, value in counters.items()},
+                }
+                row["train/grad_norm"] = grad_norm
+                if isinstance(teacher, ServedTeacher):
+                    row.update(teacher.pop_stats())  # requests, retries, timeouts, ... since the last row
+                # Per-teacher routing: each teacher's tokens and mean divergence (or reverse-KL estimate).
+                for key in sorted(k for k in loss_sums if k.startswith("routes/") and k.endswith("/tokens")):
+                    name = key.split("/")[1]
+                    tokens = float(accelerator.reduce(torch.tensor(loss_sums[key], device=accelerator.device),
+                                                      "sum").item())
+                    signal = float(accelerator.reduce(torch.tensor(loss_sums[f"routes/{name}/signal_sum"],
+                                                                   device=accelerator.device), "sum").item())
+                    row[f"teacher/{name}/tokens"] = tokens
+                    row[f"teacher/{name}/divergence_mean"] = signal / max(tokens, 1.0)
+                # Loss-side sums (e.g. loss/divergence_sum) become per-token means over the global step.
+                for key in sorted(k for k in loss_sums if not k.startswith("routes/")):
+                    total = float(accelerator.reduce(torch.tensor(loss_sums[key], device=accelerator.device),
+                                                     "sum").item())
+                    if key.endswith("_sum"):
+                        row[key[: -len("_sum")] + "_mean"] = total / max(step_tokens, 1.0)
+                    elif key != "loss/tokens":
+                        row[key] = total / (world * len(micro_batches))  # a mean over micro-batches
+                for key in sorted({k for m in rollout_metrics for k in m}):
+                    local = sum(m.get(key, 0.0) for m in rollout_metrics) / len(rollout_metrics)
+                    row[key] = float(accelerator.reduce(torch.tensor(local, device=accelerator.device), "mean").item())
+                metrics_log.log(step, row)
+
+            if adaptive is not None and step % config.train.eval_every == 0:
                 with torch.no_grad():
-                    teacher_logits = None
-                    if cache is not None:
-                        teacher_logits = batch.teacher_signal
-                    elif config.loss.objective not in ("nll", "gad", "uld"):
-                        teacher_logits = teacher.score(batch)
-                        if isinstance(teacher_logits, torch.Tensor):
-                            teacher_logits = teacher_logits.to(accelerator.device)
-                    if cross is not None:
-                        cross["logits"], cross["ids"], cross["alignments"] = teacher.score_cross(batch)
-                rewards, disc_metrics = None, {}
-                if discriminator is not None:
-                    # GAD: score with the discriminator as it was when the samples were drawn, then update it
-                    # on (teacher text, student text) pairs of the same prompts.
-                    rewards = discriminator.rewards(batch).to(accelerator.device)
-                    teacher_batch = build_batch(
-                        [e.prompt_ids for e in batch.examples[:: config.rollout.samples_per_prompt]],
-                        [teacher_text[id(e)] for e in batch.examples[:: config.rollout.samples_per_prompt]],
-                        tokenizer.pad_token_id,
-                    )
-                    disc_metrics = discriminator.update(batch, teacher_batch, batch.group_B)
-                t1 = time.perf_counter()
-                student_logits = completion_logits(model, input_ids, attention, batch.completion_len)
-                loss, loss_metrics = micro_batch_loss(
-                    config, batch, student_logits, teacher_logits, step=step, num_tokens=step_tokens,
-                    vocab_size=vocab_size, tokenizer=tokenizer, verifier=verifier, reference=reference,
-                    rewards_B=rewards, cross=cross,
-                )
-                loss_metrics.update(disc_metrics)
-                if gad and step <= config.loss.discriminator_warmup_steps:
-                    loss = loss * 0.0  # discriminator warm-up: the student does not move yet
-                for key, value in loss_metrics.items():
-                    loss_sums[key] = loss_sums.get(key, 0.0) + value
-                accelerator.backward(loss * world)
-                teacher_s += t1 - t0
-                student_s += time.perf_counter() - t1
-                step_loss += float(loss.detach().item())
-                del student_logits, teacher_logits, loss
-
-        # Every process sees the same global loss and norm, so all skip or all step.
-        step_loss = float(accelerator.reduce(torch.tensor(step_loss, device=accelerator.device), "sum").item())
-        max_norm = config.optim.max_grad_norm if config.optim.max_grad_norm is not None else math.inf
-        grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), max_norm))
-        lr_used = scheduler.get_last_lr()[0]
-        if not (math.isfinite(step_loss) and math.isfinite(grad_norm)):
-            optimizer.zero_grad(set_to_none=True)
-            nonfinite_in_a_row += 1
-            skipped_total += 1
-            if nonfinite_in_a_row >= config.train.max_nonfinite_steps:
-                raise OpdError(f"loss or gradient was NaN/inf for {nonfinite_in_a_row} steps in a row (step {step});"
-                               " lower optim.lr or check the models")
-        else:
-            nonfinite_in_a_row = 0
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            if isinstance(teacher, SelfTeacher):
-                teacher.after_step()
-        with warnings.catch_warnings():
-            # A skipped step still advances the schedule, so LR stays tied to the step number.
-            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler")
-            scheduler.step()
-
-        step_s = time.perf_counter() - step_start
-        counters["seconds_rollout"] += rollout_s
-        counters["seconds_teacher"] += teacher_s
-        counters["seconds_student"] += step_s - rollout_s - teacher_s  # forward, backward, loss, optimizer
-        tokens_seen += int(step_tokens)  # global
-        tokens_per_s = step_tokens / step_s if step_s > 0 else 0.0
-        bar.set_postfix(loss=f"{step_loss:.4f}", tok_s=f"{tokens_per_s:.0f}")
-        bar.update(1)
-
-        if step % config.train.log_every == 0 or step == config.train.steps:
-            row: dict[str, Any] = {
-                "loss/total": step_loss,
-                "train/lr": lr_used,
-                "train/skipped_nonfinite_total": skipped_total,
-                "train/completion_tokens": step_tokens,
-                "rollout/max_new_tokens": policy.params.max_new_tokens,
-                "perf/step_s": step_s,
-                "perf/rollout_s": rollout_s,
-                "perf/teacher_s": teacher_s,
-                "perf/student_s": student_s,
-                "perf/tokens_per_s": tokens_per_s,
-                **{f"compute/{key}": value for key, value in counters.items()},
-            }
-            row["train/grad_norm"] = grad_norm
-            if isinstance(teacher, ServedTeacher):
-                row.update(teacher.pop_stats())  # requests, retries, timeouts, ... since the last row
-            # Per-teacher routing: each teacher's tokens and mean divergence (or reverse-KL estimate).
-            for key in sorted(k for k in loss_sums if k.startswith("routes/") and k.endswith("/tokens")):
-                name = key.split("/")[1]
-                tokens = float(accelerator.reduce(torch.tensor(loss_sums[key], device=accelerator.device),
-                                                  "sum").item())
-                signal = float(accelerator.reduce(torch.tensor(loss_sums[f"routes/{name}/signal_sum"],
-                                                               device=accelerator.device), "sum").item())
-                row[f"teacher/{name}/tokens"] = tokens
-                row[f"teacher/{name}/divergence_mean"] = signal / max(tokens, 1.0)
-            # Loss-side sums (e.g. loss/divergence_sum) become per-token means over the global step.
-            for key in sorted(k for k in loss_sums if not k.startswith("routes/")):
-                total = float(accelerator.reduce(torch.tensor(loss_sums[key], device=accelerator.device),
-                                                 "sum").item())
-                if key.endswith("_sum"):
-                    row[key[: -len("_sum")] + "_mean"] = total / max(step_tokens, 1.0)
-                elif key != "loss/tokens":
-                    row[key] = total / (world * len(micro_batches))  # a mean over micro-batches
-            for key in sorted({k for m in rollout_metrics for k in m}):
-                local = sum(m.get(key, 0.0) for m in rollout_metrics) / len(rollout_metrics)
-                row[key] = float(accelerator.reduce(torch.tensor(local, device=accelerator.device), "mean").item())
-            metrics_log.log(step, row)
-
-        if adaptive is not None and step % config.train.eval_every == 0:
-            with torch.no_grad():
-                val_loss = reference_nll(accelerator.unwrap_model(model), tokenizer, eval_examples,
-                                         temperature=config.temperature, vocab_size=vocab_size,
-                                         batch_size=config.eval.batch_size)
-            rose = adaptive.update(val_loss)
-            metrics_log.log(step, {"eval/reference_nll": val_loss, "rollout/adaptive_phi": adaptive.phi})
-            if rose and is_main:
-                say(f"step {step}: validation loss {val_loss:.4f} rose; student-sample probability -> "
-                          f"{adaptive.phi:.2f}")
-        if config.train.eval_every and step % config.train.eval_every == 0 and step != config.train.steps:
-            last_eval = run_eval(step)
-            if is_main and last_eval:
-                say(_eval_line(step, last_eval))
-        if config.train.save_every and step % config.train.save_every == 0:
-            ckpt.save_checkpoint(run_dir, step, accelerator.unwrap_model(model), optimizer, scheduler,
-                                 {"data_position": stream.position, "counters": counters,
-                                  **({"adaptive_off_policy": adaptive.state_dict()} if adaptive else {})},
-                                 config.train.keep_checkpoints,
-                                 rank=accelerator.process_index, barrier=accelerator.wait_for_everyone,
-                                 extra_modules=teacher_state,
-                                 extra_states={name: obj.state_dict() for name, obj in extra_states.items()})
-        accelerator.wait_for_everyone()
-    bar.close()
+                    val_loss = reference_nll(accelerator.unwrap_model(model), tokenizer, eval_examples,
+                                             temperature=config.temperature, vocab_size=vocab_size,
+                                             batch_size=config.eval.batch_size)
+                rose = adaptive.update(val_loss)
+                metrics_log.log(step, {"eval/reference_nll": val_loss, "rollout/adaptive_phi": adaptive.phi})
+                if rose and is_main:
+                    say(f"step {step}: validation loss {val_loss:.4f} rose; student-sample probability -> "
+                              f"{adaptive.phi:.2f}")
+            if config.train.eval_every and step % config.train.eval_every == 0 and step != config.train.steps:
+                last_eval = run_eval(step)
+                if is_main and last_eval:
+                    say(_eval_line(step, last_eval))
+            if config.train.save_every and step % config.train.save_every == 0:
+                ckpt.save_checkpoint(run_dir, step, accelerator.unwrap_model(model), optimizer, scheduler,
+                                     {"data_position": stream.position, "counters": counters,
+                                      **({"adaptive_off_policy": adaptive.state_dict()} if adaptive else {})},
+                                     config.train.keep_checkpoints,
+                                     rank=accelerator.process_index, barrier=accelerator.wait_for_everyone,
+                                     extra_modules=teacher_state,
+                                     extra_states={name: obj.state_dict() for name, obj in extra_states.items()})
+            accelerator.wait_for_everyone()
+        bar.close()
+    finally:
+        if engine is not None:
+            engine.shutdown()
 
     # --- final model and evaluation ------------------------------------------------
     final_dir = run_dir / "final"
@@ -680,6 +692,29 @@ def compute_summary(counters: dict[str, float]) -> str:
             f"teacher {counters['seconds_teacher']:.1f}s ~{fmt(counters['flops_teacher'])} "
             f"({int(counters['teacher_scored_tokens'])} tokens scored); "
             f"student update {counters['seconds_student']:.1f}s ~{fmt(counters['flops_student'])}")
+
+
+def _start_engine(config: RunConfig, accelerator: Any, model: Any, tokenizer: Any, log: Any) -> Any:
+    """The in-process vLLM rollout engine, holding the student's current weights."""
+    from opd.vllm_engine import VLLMEngine
+
+    if accelerator.num_processes > 1:
+        raise OpdError("rollout.engine=vllm runs in-process on a single process; use the hf engine (or a served "
+                       "teacher) under torchrun / accelerate launch")
+    started = time.perf_counter()
+    engine = VLLMEngine.from_model_dir(
+        config.model.student, dtype=config.model.dtype, seed=config.train.seed,
+        kv_cache_gb=config.rollout.vllm_kv_cache_gb,
+        max_model_len=min(config.data.max_prompt_tokens + config.rollout.max_new_tokens,
+                          getattr(accelerator.unwrap_model(model).config, "max_position_embeddings", None) or 1 << 30),
+        tokenizer=config.model.tokenizer,
+    )
+    # After any checkpoint restore (and LoRA wrapping): the engine samples from these weights.
+    engine.update_weights(accelerator.unwrap_model(model))
+    if log is not None:
+        log(f"vllm engine ready in {time.perf_counter() - started:.1f}s; weights pushed every "
+            f"{config.rollout.weight_sync_every} step(s)")
+    return engine
 
 
 def _mean_grads(accelerator: Any) -> Any:

