@@ -194,7 +194,11 @@ def prune(run_dir: Path, keep: int) -> None:
     """Keep the newest ``keep`` checkpoints. Runs after the new one is committed, so a kill in
     between leaves one extra checkpoint (removed by the next save or resume), never one too few."""
     for old in list_checkpoints(run_dir)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+        # Rename first: a kill during rmtree must not leave a half-deleted "step-*" directory
+        # that still looks like a checkpoint.
+        doomed = old.parent / f".old-{old.name}-{os.getpid()}"
+        os.rename(old, doomed)
+        shutil.rmtree(doomed, ignore_errors=True)
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:
