@@ -265,3 +265,50 @@ def test_routing_equals_a_single_teacher_when_every_row_goes_to_it(tiny_setup, t
     a = load_file(str(tmp_path / "single" / "final" / "model.safetensors"))
     b = load_file(str(tmp_path / "routed" / "final" / "model.safetensors"))
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+def test_teacher_scores_chat_prompts_with_its_own_template(tiny_setup, tmp_path, tokenizer):
+    """Same vocabulary, different chat template: local and served teachers both score the
+    student's completion behind the prompt rendered with the teacher's template."""
+    import copy
+
+    from opd.data import Example
+    from opd.teachers import LocalTeacher
+
+    student_tok = copy.deepcopy(tokenizer)
+    student_tok.chat_template = "{% for m in messages %}{{ m['content'] }} {% endfor %}="
+    teacher_tok = copy.deepcopy(tokenizer)
+    teacher_tok.chat_template = "{% for m in messages %}+ {{ m['content'] }} {% endfor %}- ="
+    teacher_dir = tmp_path / "templated_teacher"
+    shutil.copytree(tiny_setup / "teacher", teacher_dir)
+    teacher_tok.save_pretrained(teacher_dir)
+    messages = [[{"role": "user", "content": "1 2 3"}], [{"role": "user", "content": "4 5"}]]
+    examples = []
+    for m in messages:
+        text = student_tok.apply_chat_template(m, tokenize=False, add_generation_prompt=True)
+        examples.append(Example(text, student_tok(text, add_special_tokens=False).input_ids, messages=m))
+    batch = build_batch([e.prompt_ids for e in examples], [[14, 5, 2], [15, 7, 8, 2]], tokenizer.pad_token_id)
+    batch.examples = examples
+    local = LocalTeacher.from_config(TeacherConfig(model=str(teacher_dir)), student_tok)
+    got = local.score(batch)
+    own = [teacher_tok(teacher_tok.apply_chat_template(m, tokenize=False, add_generation_prompt=True),
+                       add_special_tokens=False).input_ids for m in messages]
+    manual = build_batch(own, [[14, 5, 2], [15, 7, 8, 2]], tokenizer.pad_token_id)
+    expected = completion_logits(local.model, manual.input_ids_BT, manual.attention_mask_BT, manual.completion_len)
+    mask = batch.completion_mask_BC.bool()
+    assert torch.allclose(got[mask], expected[mask], atol=1e-5)
+    plain = completion_logits(local.model, batch.input_ids_BT, batch.attention_mask_BT, batch.completion_len)
+    assert not torch.allclose(got[mask], plain[mask], atol=1e-3)  # the template really changed the scores
+    # the served teacher, told where the teacher's tokenizer is, renders the same prompts
+    backend = CompletionsBackend(str(teacher_dir))
+    srv = make_server(backend)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{srv.server_address[1]}"
+        served = ServedTeacher(TeacherConfig(kind="served", url=url, tokenizer=str(teacher_dir)), student_tok)
+        signal = served.score_signal(batch)
+    finally:
+        srv.shutdown()
+        srv.server_close()
+    lp = objectives.token_logprobs(expected, batch.completion_ids_BC, vocab_size=len(tokenizer))
+    assert ((signal.token_logprobs_BC - lp).abs() * batch.completion_mask_BC).max() < 1e-5

@@ -42,6 +42,31 @@ def check_same_tokenizer(student_tok: Any, teacher_tok: Any) -> None:
     )
 
 
+def own_template_prompts(batch: SequenceBatch, teacher_tokenizer: Any, student_template: Any) -> list[list[int]] | None:
+    """Chat prompts re-rendered with the teacher's own chat template, when it differs from the
+    student's (same vocabulary, so completions stay as they are); None when nothing changes."""
+    template = getattr(teacher_tokenizer, "chat_template", None)
+    if template is None or template == student_template or batch.examples is None:
+        return None
+    if not any(e.messages for e in batch.examples):
+        return None
+    prompts = []
+    for i, example in enumerate(batch.examples):
+        if example.messages:
+            text = teacher_tokenizer.apply_chat_template(example.messages, tokenize=False, add_generation_prompt=True)
+            prompts.append(teacher_tokenizer(text, add_special_tokens=False).input_ids)
+        else:
+            row = batch.input_ids_BT[i, : batch.prompt_len]
+            prompts.append(row[batch.attention_mask_BT[i, : batch.prompt_len].bool()].tolist())
+    return prompts
+
+
+def _with_prompts(batch: SequenceBatch, prompts: list[list[int]], pad_id: int) -> SequenceBatch:
+    lengths = batch.completion_mask_BC.sum(-1).long().tolist()
+    completions = [batch.completion_ids_BC[i, :n].tolist() for i, n in enumerate(lengths)]
+    return build_batch(prompts, completions, pad_id)  # same completions, so the same width C
+
+
 class LocalTeacher:
     """A frozen local causal LM in its own dtype, scored without gradients."""
 
@@ -54,6 +79,7 @@ class LocalTeacher:
         # A text-only teacher talks to the student through text: prompts are decoded with the
         # student's tokenizer and re-encoded with the teacher's, and answers the other way round.
         self.student_tokenizer = student_tokenizer
+        self.student_template: Any = None  # set by from_config: the student's chat template
         self.kind = "text" if student_tokenizer is not None else "local"
         self.chat_template = getattr(tokenizer, "chat_template", None)
         self.model.eval()
@@ -73,15 +99,21 @@ class LocalTeacher:
         teacher = cls(model, tokenizer, name=cfg.model,
                       student_tokenizer=student_tokenizer if cfg.kind in ("text", "cross_tokenizer") else None)
         teacher.kind = cfg.kind
+        teacher.student_template = getattr(student_tokenizer, "chat_template", None)
         return teacher
 
     @torch.no_grad()
     def score(self, batch: SequenceBatch) -> torch.Tensor:
-        """Teacher logits ``[B, C, V_teacher]`` at the positions predicting the completion."""
+        """Teacher logits ``[B, C, V_teacher]`` at the positions predicting the completion (behind
+        its own chat template when that differs from the student's)."""
         device = next(self.model.parameters()).device
-        return completion_logits(
+        prompts = own_template_prompts(batch, self.tokenizer, self.student_template)
+        if prompts is not None:
+            batch = _with_prompts(batch, prompts, self.tokenizer.pad_token_id or 0)
+        logits = completion_logits(
             self.model, batch.input_ids_BT.to(device), batch.attention_mask_BT.to(device), batch.completion_len
         )
+        return logits
 
     @torch.no_grad()
     def score_cross(self, batch: SequenceBatch) -> tuple[torch.Tensor, torch.Tensor, list[Any]]:
@@ -248,6 +280,12 @@ class ServedTeacher:
         self.request_batch = cfg.request_batch
         self.tokenizer = student_tokenizer
         self.chat_template = getattr(student_tokenizer, "chat_template", None)
+        # With teacher.tokenizer (a local copy of the served model's tokenizer), chat prompts are
+        # rendered with the teacher's own template when it differs from the student's.
+        self.teacher_tokenizer = None
+        if cfg.tokenizer:
+            self.teacher_tokenizer = load_tokenizer(cfg.tokenizer, trust_remote_code=cfg.trust_remote_code)
+            check_same_tokenizer(student_tokenizer, self.teacher_tokenizer)
         self._api_key = os.environ.get(cfg.api_key_env) if cfg.api_key_env else None
         self._jitter = random.Random(0)  # private: never touches the checkpointed global RNG
         self.stats = {"requests": 0.0, "retries": 0.0, "timeouts": 0.0, "http_errors": 0.0,
@@ -355,10 +393,16 @@ class ServedTeacher:
         from opd.cache import TeacherSignal
 
         lengths = batch.completion_mask_BC.sum(-1).long().tolist()
+        own = own_template_prompts(batch, self.teacher_tokenizer, self.chat_template) \
+            if self.teacher_tokenizer is not None else None
         sequences = []
         for i, n in enumerate(lengths):
-            prompt = batch.input_ids_BT[i, : batch.prompt_len][batch.attention_mask_BT[i, : batch.prompt_len].bool()]
-            ids = prompt.tolist() + batch.completion_ids_BC[i, :n].tolist()
+            if own is not None:
+                prompt = own[i]
+            else:
+                row = batch.input_ids_BT[i, : batch.prompt_len]
+                prompt = row[batch.attention_mask_BT[i, : batch.prompt_len].bool()].tolist()
+            ids = prompt + batch.completion_ids_BC[i, :n].tolist()
             sequences.append((ids, len(ids) - n))
         chunks = [sequences[i : i + self.request_batch] for i in range(0, len(sequences), self.request_batch)]
         results = [r for chunk in self._map(self._score_chunk, chunks) for r in chunk]

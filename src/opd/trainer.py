@@ -255,8 +255,8 @@ def train(config: RunConfig, *, resume: bool = False, log: Any = print) -> Train
 
     if isinstance(teacher, LocalTeacher) and teacher.kind == "local" and is_main and \
             teacher.chat_template != getattr(tokenizer, "chat_template", None):
-        warnings.warn("teacher and student chat templates differ; the teacher scores the student's template "
-                      "(same token ids). Re-rendering prompts per teacher comes with served teachers.", stacklevel=2)
+        log("teacher and student chat templates differ: chat prompts are rendered with the teacher's own "
+            "template for scoring (plain-text prompts are shared as they are)")
     if (config.rollout.top_p < 1.0 or config.rollout.top_k > 0) and is_main:
         warnings.warn("rollout.top_p / top_k filter the student's samples, but the token-level loss compares "
                       "the full temperature-scaled distributions", stacklevel=2)
