@@ -12,8 +12,8 @@ from conftest import base_overrides, tiny_llama
 from opd import divergences, objectives
 from opd.cli import main
 from opd.config import RolloutConfig, load_config, recipe_names
+from opd.losses import kd_coef_at, micro_batch_loss
 from opd.rollout import AdaptiveOffPolicy, SamplingParams, build_batch, co_generate
-from opd.trainer import kd_coef_at, micro_batch_loss
 
 torch.set_default_dtype(torch.float32)
 

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from opd.errors import DataError, RunDirError
+from opd.errors import DataError, OpdError, RunDirError
 from opd.rollout import SequenceBatch, build_batch
 
 MANIFEST = "manifest.json"
@@ -171,7 +171,6 @@ def build_teacher_cache(
     from opd.objectives import token_logprobs
     from opd.rollout import SamplingParams, hf_generate
     from opd.teachers import LocalTeacher, ServedTeacher
-    from opd.trainer import cache_settings
 
     if source not in ("student", "dataset"):
         raise DataError(f"--source must be student or dataset, got {source!r}")
@@ -241,3 +240,36 @@ def build_teacher_cache(
     finish(folder, manifest)
     log(f"{folder}: cache complete, {manifest['rows']} rows in {len(manifest['shards'])} shards")
     return folder
+
+
+def cache_settings(config: Any, tokenizer: Any, source: str) -> dict[str, Any]:
+    """What a teacher cache depends on; a cache is reused only when all of it matches."""
+    import hashlib
+
+    vocab_digest = hashlib.sha256(json_dumps_sorted(tokenizer.get_vocab()).encode()).hexdigest()[:16]
+    return {"student": config.model.student, "teacher": config.teacher.model or config.teacher.url,
+            "data": config.data.train, "top_k": config.teacher.top_k or 0, "temperature": config.temperature,
+            "max_new_tokens": config.rollout.max_new_tokens, "source": source, "seed": config.train.seed,
+            "vocab": len(tokenizer), "vocab_digest": vocab_digest}
+
+
+def json_dumps_sorted(data: Any) -> str:
+    import json
+
+    return json.dumps(data, sort_keys=True)
+
+
+def open_cache(config: Any, tokenizer: Any) -> TeacherCache:
+    cache = TeacherCache(config.teacher.cache)
+    settings = cache.settings
+    if settings.get("vocab") != len(tokenizer) or settings.get("vocab_digest") != cache_settings(
+            config, tokenizer, "")["vocab_digest"]:
+        raise OpdError(f"the teacher cache in {config.teacher.cache} was made with another tokenizer "
+                       f"({settings.get('vocab')} tokens); rebuild it for this student")
+    if config.teacher.top_k is not None and config.teacher.top_k > settings["top_k"]:
+        raise OpdError(f"teacher.top_k={config.teacher.top_k} but the cache stores the top {settings['top_k']}; "
+                       "lower teacher.top_k or rebuild the cache with a larger one")
+    if settings.get("temperature") != config.temperature:
+        raise OpdError(f"the teacher cache was scored at temperature {settings.get('temperature')}, "
+                       f"the run uses {config.temperature}")
+    return cache

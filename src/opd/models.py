@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from opd.errors import ModelError
+from opd.errors import ModelError, OpdError
 
 DTYPES: dict[str, Any] = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16,
                           "float16": torch.float16}
@@ -95,3 +95,28 @@ def completion_logits(
         use_cache=False,
     )
     return out.logits
+
+
+def add_lora(student: torch.nn.Module, cfg: Any) -> torch.nn.Module:
+    """Wrap the student with PEFT LoRA adapters; only they are trained."""
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError:
+        raise OpdError("model.lora_r needs the peft package: pip install 'opd[lora]'") from None
+    lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                      target_modules=cfg.lora_target_modules, task_type="CAUSAL_LM")
+    wrapped = get_peft_model(student, lora)
+    wrapped.eval()
+    return wrapped
+
+
+def disable_dropout(model: torch.nn.Module) -> None:
+    """Zero every dropout so train mode (needed by gradient checkpointing) samples like eval mode."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    config = getattr(model, "config", None)
+    for name in ("attention_dropout", "hidden_dropout", "dropout", "attn_pdrop", "resid_pdrop", "embd_pdrop",
+                 "hidden_dropout_prob", "attention_probs_dropout_prob"):
+        if config is not None and isinstance(getattr(config, name, None), float):
+            setattr(config, name, 0.0)
