@@ -8,8 +8,9 @@ Each optimizer step:
 2. **Count.** The completion tokens of the whole step (all micro-batches, all
    processes) are summed once; every micro-batch loss is divided by that number.
 3. **Score and update.** The teacher scores each micro-batch (no grad), the student
-   runs forward, the objective (:mod:`opd.objectives`) compares them, backward.
-   Then clip, AdamW step, LR schedule.
+   runs forward, :func:`opd.losses.micro_batch_loss` applies the recipe's objective
+   (:mod:`opd.objectives`), backward. Then clip, AdamW step, LR schedule, and — when a vLLM
+   engine samples — a weight push every ``rollout.weight_sync_every`` steps.
 4. **Log / eval / checkpoint** on their own cadences.
 
 Departures from a textbook loop, and why: generation happens with the
