@@ -665,7 +665,8 @@ def compute_summary(counters: dict[str, float]) -> str:
 
     return (f"compute: generation {counters['seconds_rollout']:.1f}s ~{fmt(counters['flops_generation'])} "
             f"({int(counters['student_generated_tokens'])} student tokens); "
-            f"teacher {counters['seconds_teacher']:.1f}s ~{fmt(counters['flops_teacher'])} "
+            f"teacher {counters['seconds_teacher']:.1f}s "
+            f"{'~' + fmt(counters['flops_teacher']) if counters['flops_teacher'] else 'FLOPs not known (remote)'} "
             f"({int(counters['teacher_scored_tokens'])} tokens scored); "
             f"student update {counters['seconds_student']:.1f}s ~{fmt(counters['flops_student'])}")
 
