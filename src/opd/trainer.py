@@ -663,10 +663,11 @@ def compute_summary(counters: dict[str, float]) -> str:
                 return f"{flops / scale:.2f} {unit}"
         return f"{flops / 1e6:.2f} MFLOP"
 
+    remote_teacher = counters["flops_teacher"] == 0 and counters["teacher_scored_tokens"] > 0
     return (f"compute: generation {counters['seconds_rollout']:.1f}s ~{fmt(counters['flops_generation'])} "
             f"({int(counters['student_generated_tokens'])} student tokens); "
             f"teacher {counters['seconds_teacher']:.1f}s "
-            f"{'~' + fmt(counters['flops_teacher']) if counters['flops_teacher'] else 'FLOPs not known (remote)'} "
+            f"{'FLOPs not known (remote)' if remote_teacher else '~' + fmt(counters['flops_teacher'])} "
             f"({int(counters['teacher_scored_tokens'])} tokens scored); "
             f"student update {counters['seconds_student']:.1f}s ~{fmt(counters['flops_student'])}")
 
