@@ -68,6 +68,7 @@ class _Terms(NamedTuple):
     value_N: torch.Tensor
     weighted_grad_NV: torch.Tensor | None  # q * dD/dq (a buffer the caller may overwrite), or None
     q_NV: torch.Tensor | None = None  # the student probabilities, when the term already computed them
+    centred: bool = False  # weighted_grad_NV is already q g - q <q, g> (skip the generic centring)
 
 
 def _row_dot(a_NV: torch.Tensor, b_NV: torch.Tensor) -> torch.Tensor:
@@ -84,7 +85,10 @@ TermFn = Callable[[torch.Tensor, torch.Tensor, float, float, bool], _Terms]
 def _forward_kl(s: torch.Tensor, t: torch.Tensor, beta: float, alpha: float, grad: bool) -> _Terms:
     p = t.exp()
     value = _row_dot(p, t.sub_(s))
-    return _Terms(value, p.neg_() if grad else None)
+    if not grad:
+        return _Terms(value, None)
+    # q g = -p sums to -1 per row, so the centred gradient is simply q - p (built in t's buffer).
+    return _Terms(value, torch.exp(s, out=t).sub_(p), centred=True)
 
 
 def _reverse_kl(s: torch.Tensor, t: torch.Tensor, beta: float, alpha: float, grad: bool) -> _Terms:
@@ -222,9 +226,10 @@ class _ChunkedDivergence(torch.autograd.Function):
             if grad_NV is not None:
                 # dD/dz = (q g - q <q, g>) / T, built in place in the term's own buffer.
                 qg = terms.weighted_grad_NV
-                centre = qg.sum(-1, keepdim=True)
-                q = terms.q_NV if terms.q_NV is not None else s.exp_()  # s is not needed any more
-                qg.sub_(q.mul_(centre))
+                if not terms.centred:
+                    centre = qg.sum(-1, keepdim=True)
+                    q = terms.q_NV if terms.q_NV is not None else s.exp_()  # s is not needed any more
+                    qg.sub_(q.mul_(centre))
                 if temperature != 1.0:
                     qg.div_(temperature)
                 grad_NV[index, :vocab_size] = qg.to(grad_NV.dtype)
