@@ -69,3 +69,20 @@ def base_overrides(root: Path, out: Path, **extra: object) -> list[str]:
     }
     items.update(extra)
     return [f"{k}={v}" for k, v in items.items()]
+
+
+def assert_served_matches_local(signal, model_dir: Path, batch, tokenizer, k: int, atol: float):
+    """A served teacher's token log-probs and top-k equal the same model scored locally."""
+    from opd import divergences, objectives
+    from opd.models import completion_logits, load_causal_lm
+
+    model = load_causal_lm(str(model_dir))
+    logits = completion_logits(model, batch.input_ids_BT, batch.attention_mask_BT, batch.completion_len)
+    mask = batch.completion_mask_BC
+    local_lp = objectives.token_logprobs(logits, batch.completion_ids_BC, vocab_size=len(tokenizer))
+    assert ((signal.token_logprobs_BC - local_lp).abs() * mask).max() < atol
+    top_lp, top_ids = divergences.teacher_topk(logits, k, mask.bool(), vocab_size=len(tokenizer))
+    valid = mask.bool()
+    assert torch.equal(signal.topk_ids_BCK[valid], top_ids[valid])
+    assert (signal.topk_logprobs_BCK[valid] - top_lp[valid]).abs().max() < atol
+    return local_lp, top_lp, top_ids

@@ -13,13 +13,13 @@ import threading
 import pytest
 import torch
 
-from conftest import base_overrides
-from opd import divergences, objectives
+from conftest import assert_served_matches_local, base_overrides
+from opd import objectives
 from opd.cache import TeacherCache, build_teacher_cache
 from opd.cli import main
 from opd.config import TeacherConfig, load_config
 from opd.fault_proxy import FaultProxy
-from opd.models import completion_logits, load_causal_lm
+from opd.models import completion_logits
 from opd.rollout import build_batch
 from opd.serve import CompletionsBackend, make_server
 from opd.teachers import ServedTeacher, TeacherServerError
@@ -46,16 +46,10 @@ def test_served_scores_equal_the_local_teacher(server, tiny_setup, tokenizer):
     batch = _batch(tokenizer)
     served = ServedTeacher(TeacherConfig(kind="served", url=server, top_k=5, request_batch=2), tokenizer)
     signal = served.score_signal(batch)
-    model = load_causal_lm(str(tiny_setup / "teacher"))
-    logits = completion_logits(model, batch.input_ids_BT, batch.attention_mask_BT, batch.completion_len)
+    local_lp, top_lp, top_ids = assert_served_matches_local(signal, tiny_setup / "teacher", batch, tokenizer,
+                                                            k=5, atol=1e-5)
     vocab = len(tokenizer)
     mask = batch.completion_mask_BC
-    local_lp = objectives.token_logprobs(logits, batch.completion_ids_BC, vocab_size=vocab)
-    assert ((signal.token_logprobs_BC - local_lp).abs() * mask).max() < 1e-5
-    top_lp, top_ids = divergences.teacher_topk(logits, 5, mask.bool(), vocab_size=vocab)
-    valid = mask.bool()
-    assert torch.equal(signal.topk_ids_BCK[valid], top_ids[valid])
-    assert (signal.topk_logprobs_BCK[valid] - top_lp[valid]).abs().max() < 1e-5
     # hence the same losses as with the local teacher
     student = torch.randn(3, batch.completion_len, vocab, requires_grad=True)
     a, _ = objectives.sampled_token_pg(student, signal.token_logprobs_BC, batch.completion_ids_BC, mask, num_tokens=12)

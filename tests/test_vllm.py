@@ -16,12 +16,12 @@ import urllib.request
 import pytest
 import torch
 
-from conftest import base_overrides
+from conftest import assert_served_matches_local, base_overrides
 
 pytestmark = pytest.mark.vllm
 pytest.importorskip("vllm")
 
-from opd import divergences, objectives  # noqa: E402
+from opd import objectives  # noqa: E402
 from opd.cli import main  # noqa: E402
 from opd.config import TeacherConfig  # noqa: E402
 from opd.errors import ModelError  # noqa: E402
@@ -261,16 +261,7 @@ class TestServedTeacher:
         cfg = TeacherConfig(kind="served", url=server, served_model=str(models / "teacher"), top_k=5,
                             request_batch=2, timeout_s=120)
         signal = ServedTeacher(cfg, tokenizer).score_signal(batch)
-        model = load_causal_lm(str(models / "teacher"))
-        logits = completion_logits(model, batch.input_ids_BT, batch.attention_mask_BT, batch.completion_len)
-        vocab = len(tokenizer)
-        mask = batch.completion_mask_BC
-        local_lp = objectives.token_logprobs(logits, batch.completion_ids_BC, vocab_size=vocab)
-        assert ((signal.token_logprobs_BC - local_lp).abs() * mask).max() < 1e-4
-        top_lp, top_ids = divergences.teacher_topk(logits, 5, mask.bool(), vocab_size=vocab)
-        valid = mask.bool()
-        assert torch.equal(signal.topk_ids_BCK[valid], top_ids[valid])
-        assert (signal.topk_logprobs_BCK[valid] - top_lp[valid]).abs().max() < 1e-4
+        assert_served_matches_local(signal, models / "teacher", batch, tokenizer, k=5, atol=1e-4)
 
     def test_training_with_a_vllm_teacher(self, server, models, tiny_setup, tmp_path):
         # conftest's student and data (same demo tokenizer as the vLLM-served teacher)

@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from opd.checkpoint import sha256_file
 from opd.errors import DataError, OpdError, RunDirError
 from opd.rollout import SequenceBatch, build_batch
 
@@ -39,14 +40,6 @@ class TeacherSignal:
     token_logprobs_BC: torch.Tensor
     topk_logprobs_BCK: torch.Tensor | None = None
     topk_ids_BCK: torch.Tensor | None = None
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _write_manifest(folder: Path, manifest: dict[str, Any]) -> None:
@@ -73,7 +66,7 @@ def write_shard(folder: Path, index: int, rows: list[dict[str, Any]]) -> tuple[s
     with tmp.open("rb") as handle:
         os.fsync(handle.fileno())
     os.replace(tmp, folder / name)
-    return name, _sha256(folder / name)
+    return name, sha256_file(folder / name)
 
 
 def start_or_resume(folder: Path, settings: dict[str, Any]) -> dict[str, Any]:
@@ -128,7 +121,7 @@ class TeacherCache:
             file = self.folder / shard["file"]
             if not file.is_file():
                 raise DataError(f"teacher cache shard {file} is missing")
-            if verify and _sha256(file) != shard["sha256"]:
+            if verify and sha256_file(file) != shard["sha256"]:
                 raise DataError(f"teacher cache shard {file} does not match its checksum; rebuild the cache")
             tables.append(pa.ipc.open_file(pa.memory_map(str(file), "r")).read_all())
         self.table = pa.concat_tables(tables) if tables else None
@@ -244,7 +237,6 @@ def build_teacher_cache(
 
 def cache_settings(config: Any, tokenizer: Any, source: str) -> dict[str, Any]:
     """What a teacher cache depends on; a cache is reused only when all of it matches."""
-    import hashlib
 
     vocab_digest = hashlib.sha256(json_dumps_sorted(tokenizer.get_vocab()).encode()).hexdigest()[:16]
     return {"student": config.model.student, "teacher": config.teacher.model or config.teacher.url,

@@ -80,7 +80,8 @@ def commit_dir(tmp: Path, final: Path) -> None:
 CHECKSUMS = "checksums.json"
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
+    """Hex SHA-256 of a file, read in 1 MiB blocks."""
     digest = hashlib.sha256()
     with path.open("rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
@@ -89,7 +90,7 @@ def _sha256(path: Path) -> str:
 
 
 def write_checksums(folder: Path) -> None:
-    sums = {f.name: _sha256(f) for f in sorted(folder.iterdir()) if f.is_file() and f.name != CHECKSUMS}
+    sums = {f.name: sha256_file(f) for f in sorted(folder.iterdir()) if f.is_file() and f.name != CHECKSUMS}
     (folder / CHECKSUMS).write_text(json.dumps(sums, indent=1))
 
 
@@ -103,7 +104,7 @@ def verify_checksums(folder: Path) -> None:
         path = folder / name
         if not path.is_file():
             raise RunDirError(f"checkpoint {folder} is incomplete: {name} is missing")
-        if _sha256(path) != expected:
+        if sha256_file(path) != expected:
             raise RunDirError(f"checkpoint {folder} is corrupted: {name} does not match its checksum")
 
 

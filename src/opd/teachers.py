@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import string
+import threading
 from typing import Any
 
 import torch
@@ -290,7 +291,7 @@ class ServedTeacher:
         self._jitter = random.Random(0)  # private: never touches the checkpointed global RNG
         self.stats = {"requests": 0.0, "retries": 0.0, "timeouts": 0.0, "http_errors": 0.0,
                       "connection_errors": 0.0, "bad_responses": 0.0}
-        self._lock = __import__("threading").Lock()
+        self._lock = threading.Lock()
 
     # -- transport -------------------------------------------------------------------------------
     def _request(self, body: dict[str, Any], check: Any) -> Any:
