@@ -167,14 +167,16 @@ def main() -> None:
                 }
                 rows.append(row)
 
-                def fmt(value: float | None, spec: str) -> str:
-                    return "no fit" if value is None else format(value, spec)
+                def fmt(value: float | None, spec: str, missing: str = "-", suffix: str = "") -> str:
+                    width = int(spec.split(".")[0]) + len(suffix)
+                    return f"{missing:>{width}}" if value is None else format(value, spec) + suffix
 
                 speed = row["trl_seconds"] / row["opd_seconds"] if opd and trl else None
                 memory = row["trl_peak_mb"] / row["opd_peak_mb"] if opd and trl else None
-                print(f"{vocab:>8} {f'{batch}x{length}':>9} {beta:>5.1f} {fmt(row['opd_seconds'], '8.2f')} "
-                      f"{fmt(row['trl_seconds'], '8.2f')} {fmt(speed, '8.2f')}x {fmt(row['opd_peak_mb'], '8.0f')} "
-                      f"{fmt(row['trl_peak_mb'], '8.0f')} {fmt(memory, '9.2f')}x {fmt(row['max_abs_diff'], '10.2e')} "
+                print(f"{vocab:>8} {f'{batch}x{length}':>9} {beta:>5.1f} {fmt(row['opd_seconds'], '8.2f', 'no fit')} "
+                      f"{fmt(row['trl_seconds'], '8.2f', 'no fit')} {fmt(speed, '8.2f', suffix='x')} "
+                      f"{fmt(row['opd_peak_mb'], '8.0f', 'no fit')} {fmt(row['trl_peak_mb'], '8.0f', 'no fit')} "
+                      f"{fmt(memory, '9.2f', suffix='x')} {fmt(row['max_abs_diff'], '10.2e')} "
                       f"{fmt(row['rel_diff'], '9.1e')}", flush=True)
     if args.json:
         with open(args.json, "w") as handle:

@@ -231,3 +231,62 @@ def test_sampled_token_estimators_match_the_exact_reverse_kl():
     assert sampled_token("k3", *one).item() == pytest.approx(-0.5 + math.log(2))
     with pytest.raises(ValueError, match="unknown estimator"):
         sampled_token("k4", *one)
+
+
+@pytest.mark.parametrize(("kind", "temperature"), [("forward_kl", 0.7), ("reverse_kl", 1.0), ("jsd", 1.0)])
+def test_fused_kernel_equals_eager(kind, temperature):
+    """The torch.compile-fused chunks give the eager values and gradients (masked rows, padded
+    vocabulary, several chunks of different sizes, bf16 gradient dtype)."""
+    from opd.divergences import fused_available
+
+    if not fused_available():
+        pytest.skip("the fused kernel is disabled here (OPD_FUSED_LOSS=0 or no working compiler)")
+    torch.manual_seed(11)
+    student = torch.randn(2, 150, 1030) * 3
+    teacher = torch.randn(2, 150, 1030) * 3
+    mask = torch.rand(2, 150) > 0.3
+    weights = torch.rand(2, 150)
+    results = []
+    for fused in (False, True):
+        for dtype in (torch.float32, torch.bfloat16):
+            logits = student.to(dtype).detach().requires_grad_()
+            values = per_token(kind, logits, teacher, mask, beta=0.3, temperature=temperature,
+                               chunk_size=64, vocab_size=1024, fused=fused)
+            (values * weights).sum().backward()
+            results.append((values.detach(), logits.grad))
+    for (eager_v, eager_g), (fused_v, fused_g) in zip(results[:2], results[2:]):
+        torch.testing.assert_close(fused_v, eager_v, rtol=1e-5, atol=1e-5)
+        # bf16 gradients may round the last bit the other way (one bf16 ulp is 2^-8 relative).
+        tolerance = {"rtol": 1e-5, "atol": 1e-6} if eager_g.dtype == torch.float32 else {"rtol": 8e-3, "atol": 1e-5}
+        torch.testing.assert_close(fused_g.float(), eager_g.float(), **tolerance)
+        assert fused_g.dtype == eager_g.dtype
+        assert fused_g[..., 1024:].abs().max().item() == 0.0
+
+
+def test_fused_kernel_is_chosen_only_for_large_chunks_and_falls_back_when_compiling_fails(monkeypatch):
+    import opd.divergences as div
+
+    small = div._fused_kernel(None, div.FUSED_MIN_ELEMENTS - 1, torch.float32, torch.device("cpu"))
+    assert small is div._chunk_value_grad
+    assert div._fused_kernel(None, div.FUSED_MIN_ELEMENTS, torch.float64, torch.device("cpu")) is div._chunk_value_grad
+    assert div._fused_kernel(True, 10, torch.float32, torch.device("cpu")) is div._compiled_chunk
+    monkeypatch.setenv(div.FUSED_ENV, "0")
+    assert not div.fused_available()
+    assert div._fused_kernel(None, 1 << 30, torch.float32, torch.device("cpu")) is div._chunk_value_grad
+
+    # A compiler that fails (no C++ toolchain, say): auto mode warns once and computes eagerly.
+    monkeypatch.delenv(div.FUSED_ENV)
+    monkeypatch.setattr(div, "_fused_state", {"fn": _raising_compiled})
+    kernel = div._fused_kernel(None, 1 << 30, torch.float32, torch.device("cpu"))
+    student, teacher = torch.randn(4, 7), torch.randn(4, 7)
+    args = (student, teacher, "reverse_kl", 0.5, 0.1, 1.0, True, torch.float32, torch.float32)
+    with pytest.warns(RuntimeWarning, match="fused divergence kernel could not be compiled"):
+        value, grad = kernel(*args)
+    expected_value, expected_grad = div._chunk_value_grad(*args)
+    torch.testing.assert_close(value, expected_value)
+    torch.testing.assert_close(grad, expected_grad)
+    assert not div.fused_available()
+
+
+def _raising_compiled(*args):
+    raise RuntimeError("InvalidCxxCompiler: no working C++ compiler found")
