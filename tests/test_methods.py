@@ -525,3 +525,60 @@ def test_text_only_teacher_with_another_tokenizer_talks_through_text(tiny_setup,
     student_words = tokenizer.decode(answer, skip_special_tokens=True).split()
     teacher_words = [w for w in teacher_text.split() if w not in tokenizer.all_special_tokens]
     assert len(student_words) >= 3 and student_words == teacher_words[: len(student_words)]  # ... same words
+
+
+# --- opd's own sampling loop (the hf engine's student rollouts) -------------------------------------
+
+
+@pytest.mark.parametrize(("temperature", "top_k", "top_p"), [(1.0, 0, 1.0), (0.7, 5, 1.0), (1.3, 0, 0.8)])
+def test_sample_generate_logprobs_match_a_fresh_forward(pair, tokenizer, temperature, top_k, top_p):
+    """Returned sampler log-probs are those of the filtered distribution, scored from scratch; the
+    model's padding rows are never sampled."""
+    from opd.models import completion_logits
+    from opd.rollout import filtered_logprobs, sample_generate
+
+    _, padded = pair  # 7 embedding rows beyond the tokenizer
+    vocab = len(tokenizer)
+    prompts = [tokenizer.encode("1 2 3 ="), tokenizer.encode("4 5 ="), tokenizer.encode("7 =")]
+    params = SamplingParams(max_new_tokens=8, temperature=temperature, top_k=top_k, top_p=top_p, vocab_size=vocab)
+    torch.manual_seed(3)
+    completions, lps = sample_generate(padded, prompts, params, tokenizer)
+    assert [len(c) for c in completions] == [len(lp) for lp in lps]
+    assert all(0 <= t < vocab for c in completions for t in c)
+    batch = build_batch(prompts, completions, tokenizer.pad_token_id)
+    logits = completion_logits(padded, batch.input_ids_BT, batch.attention_mask_BT, batch.completion_len).detach()
+    flat = filtered_logprobs(logits.reshape(-1, logits.shape[-1]), params).reshape(*logits.shape[:2], vocab)
+    expected = flat.gather(-1, batch.completion_ids_BC[..., None]).squeeze(-1)
+    mask = batch.completion_mask_BC
+    assert ((expected - _as_tensor(lps, expected)) * mask).abs().max() < 1e-5
+    assert torch.isfinite(expected[mask.bool()]).all()  # no filtered-out token was drawn
+
+
+def test_sample_generate_draws_from_the_filtered_distribution(pair, tokenizer):
+    """Empirical first-token frequencies over 6,000 draws match softmax(logits / T) after top-k / top-p."""
+    from opd.rollout import _Decoder, _left_pad, filtered_logprobs, sample_generate
+
+    student, _ = pair
+    prompt = tokenizer.encode("1 2 3 =")
+    for params in (SamplingParams(1, temperature=1.5, vocab_size=len(tokenizer)),
+                   SamplingParams(1, temperature=1.5, top_k=4, vocab_size=len(tokenizer)),
+                   SamplingParams(1, temperature=1.5, top_p=0.6, vocab_size=len(tokenizer))):
+        ids, attention = _left_pad([prompt], tokenizer.pad_token_id)
+        with torch.no_grad():
+            probs = filtered_logprobs(_Decoder(student, ids, attention).last_logits, params).exp()[0]
+        torch.manual_seed(4)
+        completions, _ = sample_generate(student, [prompt] * 6000, params, tokenizer)
+        counts = torch.bincount(torch.tensor([c[0] for c in completions]), minlength=probs.numel()).float()
+        assert (counts / 6000 - probs).abs().max() < 0.025, params
+        assert counts[probs == 0].sum() == 0
+
+
+def test_sample_generate_greedy_equals_transformers_generate(pair, tokenizer):
+    from opd.rollout import hf_generate, sample_generate
+
+    student, _ = pair
+    prompts = [tokenizer.encode("1 2 3 ="), tokenizer.encode("4 5 =")]
+    params = SamplingParams(max_new_tokens=8, greedy=True, vocab_size=len(tokenizer))
+    completions, lps = sample_generate(student, prompts, params, tokenizer)
+    assert completions == hf_generate(student, prompts, params, tokenizer)
+    assert all(lp == 0.0 for row in lps for lp in row)
