@@ -265,3 +265,28 @@ def test_fp16_on_cpu_is_refused_in_one_line(tiny_setup, tmp_path, capsys):
         "train.mixed_precision": "fp16"})]) == 2
     err = capsys.readouterr().err.strip()
     assert "fp16 needs a CUDA GPU" in err and len(err.splitlines()) == 1
+
+
+def test_bf16_mixed_precision_covers_student_rollouts_and_teacher(tiny_setup, tmp_path, monkeypatch):
+    """train.mixed_precision=bf16: the teacher scores under the same autocast as the student, the
+    weights stay float32 and the run trains."""
+    from opd.teachers import LocalTeacher
+
+    seen: list[bool] = []
+    real_score = LocalTeacher.score
+
+    def observed_score(self, batch):
+        seen.append(torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16)
+        return real_score(self, batch)
+
+    monkeypatch.setattr(LocalTeacher, "score", observed_score)
+    out = tmp_path / "bf16"
+    train(load_config("on_policy_rkl", base_overrides(tiny_setup, out, **{
+        "data.eval": "null", "train.steps": 2, "train.mixed_precision": "bf16"})), log=lambda *_: None)
+    assert seen and all(seen)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all(math.isfinite(r["loss/total"]) for r in rows if "loss/total" in r)
+    before = load_file(str(tiny_setup / "student" / "model.safetensors"))
+    after = _weights(out / "final")
+    assert all(after[k].dtype == torch.float32 for k in after)
+    assert any(not torch.equal(before[k], after[k]) for k in before)

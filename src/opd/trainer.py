@@ -196,6 +196,12 @@ def train(config: RunConfig, *, resume: bool = False, log: Any = print) -> Train
     on_cpu = not (torch.cuda.is_available() or torch.backends.mps.is_available())
     if config.train.mixed_precision == "fp16" and not torch.cuda.is_available():
         raise OpdError("train.mixed_precision=fp16 needs a CUDA GPU; use bf16 or no on CPU")
+    from accelerate.state import AcceleratorState
+
+    if AcceleratorState._shared_state and AcceleratorState().mixed_precision != config.train.mixed_precision:
+        # accelerate keeps one precision per process; a second train() in the same process (a notebook,
+        # a sweep) with another one would be refused. The process group (PartialState) is kept.
+        AcceleratorState._reset_state(reset_partial_state=False)
     accelerator = Accelerator(cpu=on_cpu, mixed_precision=config.train.mixed_precision)
     is_main = accelerator.is_main_process
     run_dir = check_run_dir(config, resume)
@@ -315,9 +321,12 @@ def train(config: RunConfig, *, resume: bool = False, log: Any = print) -> Train
     flops_per_token = {"student": 2.0 * sum(p.numel() for p in student.parameters()),
                        "teacher": 2.0 * sum(p.numel() for p in getattr(teacher, "model", torch.nn.Linear(1, 1))
                                             .parameters()) if isinstance(teacher, (LocalTeacher, SelfTeacher)) else 0.0}
-    optimizer = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=config.optim.lr,
-                                  betas=config.optim.betas, eps=config.optim.eps,
-                                  weight_decay=config.optim.weight_decay)
+    trainable = [p for p in student.parameters() if p.requires_grad]
+    # The fused AdamW kernel: one pass per tensor instead of ~10 foreach ops (an 85M-parameter step
+    # took 35 ms against 205 ms on 2 CPU cores); same update rule.
+    fused = bool(trainable) and all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in trainable)
+    optimizer = torch.optim.AdamW(trainable, lr=config.optim.lr, betas=config.optim.betas, eps=config.optim.eps,
+                                  weight_decay=config.optim.weight_decay, fused=fused or None)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda_factory(config.optim, config.train.steps))
     model, optimizer = accelerator.prepare(student, optimizer)
 
@@ -428,8 +437,11 @@ def train(config: RunConfig, *, resume: bool = False, log: Any = print) -> Train
                     batch = adaptive.replay(config.train.batch_size, tokenizer.pad_token_id)
                     metrics = {"rollout/on_policy_fraction": 0.0}
                 else:
-                    batch, metrics = policy.rollout(unwrapped, prompts,
-                                                    None if source is None else float(source == "student"))
+                    # One autocast region around the whole rollout: under train.mixed_precision autocast
+                    # then casts each weight once per rollout instead of once per decoded token.
+                    with accelerator.autocast():
+                        batch, metrics = policy.rollout(unwrapped, prompts,
+                                                        None if source is None else float(source == "student"))
                     if source == "student":
                         adaptive.record(batch)
                 if adaptive is not None:
@@ -485,7 +497,9 @@ def train(config: RunConfig, *, resume: bool = False, log: Any = print) -> Train
                         step_loss += float(loss.detach().item())
                         del student_logits, loss
                         continue
-                    with torch.no_grad():
+                    # Under train.mixed_precision the local teacher computes in the same precision as the
+                    # student (its logits are upcast to fp32 inside the losses).
+                    with torch.no_grad(), accelerator.autocast():
                         teacher_logits = None
                         if cache is not None:
                             teacher_logits = batch.teacher_signal
@@ -680,8 +694,13 @@ def _start_engine(config: RunConfig, accelerator: Any, model: Any, tokenizer: An
         raise OpdError("rollout.engine=vllm runs in-process on a single process; use the hf engine (or a served "
                        "teacher) under torchrun / accelerate launch")
     started = time.perf_counter()
+    dtype = config.rollout.vllm_dtype
+    if dtype == "auto":
+        # Sample in the precision the student's forward runs in: under bf16 autocast a float32
+        # sampler would cost twice the memory traffic per token for no closer match.
+        dtype = {"bf16": "bfloat16", "fp16": "float16"}.get(config.train.mixed_precision, config.model.dtype)
     engine = VLLMEngine.from_model_dir(
-        config.model.student, dtype=config.model.dtype, seed=config.train.seed,
+        config.model.student, dtype=dtype, seed=config.train.seed,
         kv_cache_gb=config.rollout.vllm_kv_cache_gb,
         max_model_len=min(config.data.max_prompt_tokens + config.rollout.max_new_tokens,
                           getattr(accelerator.unwrap_model(model).config, "max_position_embeddings", None) or 1 << 30),
@@ -690,7 +709,7 @@ def _start_engine(config: RunConfig, accelerator: Any, model: Any, tokenizer: An
     # After any checkpoint restore (and LoRA wrapping): the engine samples from these weights.
     engine.update_weights(accelerator.unwrap_model(model))
     if log is not None:
-        log(f"vllm engine ready in {time.perf_counter() - started:.1f}s; weights pushed every "
+        log(f"vllm engine ({dtype}) ready in {time.perf_counter() - started:.1f}s; weights pushed every "
             f"{config.rollout.weight_sync_every} step(s)")
     return engine
 
