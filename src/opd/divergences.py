@@ -345,6 +345,15 @@ class _ChunkedDivergence(torch.autograd.Function):
         return (grad_NV.mul_(scale),) + none
 
 
+def _kept_rows(mask: torch.Tensor | None, lead_shape: torch.Size, flat_NV: torch.Tensor) -> torch.Tensor:
+    """Indices of the flattened positions a loss reads: all of them, or those the mask keeps."""
+    if mask is None:
+        return torch.arange(flat_NV.shape[0], device=flat_NV.device)
+    if mask.shape != lead_shape:
+        raise ValueError(f"mask shape {tuple(mask.shape)} does not match logits {tuple(lead_shape)}")
+    return mask.reshape(-1).nonzero().squeeze(-1)
+
+
 def per_token(
     kind: str,
     student_logits: torch.Tensor,
@@ -403,12 +412,7 @@ def per_token(
     lead_shape = student_logits.shape[:-1]
     student_NV = student_logits.reshape(-1, student_logits.shape[-1])
     teacher_NV = teacher_logits.detach().reshape(-1, teacher_logits.shape[-1])
-    if mask is None:
-        rows_R = torch.arange(student_NV.shape[0], device=student_NV.device)
-    else:
-        if mask.shape != lead_shape:
-            raise ValueError(f"mask shape {tuple(mask.shape)} does not match logits {tuple(lead_shape)}")
-        rows_R = mask.reshape(-1).nonzero().squeeze(-1)
+    rows_R = _kept_rows(mask, lead_shape, student_NV)
     values_N = _ChunkedDivergence.apply(
         student_NV, teacher_NV, rows_R, kind, float(beta), float(alpha), float(temperature), int(chunk_size),
         bool(inplace_backward), int(vocab_size), fused,
@@ -636,12 +640,7 @@ def topk_per_token(
     student_NV = student_logits.reshape(-1, student_logits.shape[-1])
     ids_NK = teacher_topk_ids.reshape(-1, k)
     teacher_NK = teacher_topk_logprobs.detach().reshape(-1, k)
-    if mask is None:
-        rows_R = torch.arange(student_NV.shape[0], device=student_NV.device)
-    else:
-        if mask.shape != lead:
-            raise ValueError(f"mask shape {tuple(mask.shape)} does not match logits {tuple(lead)}")
-        rows_R = mask.reshape(-1).nonzero().squeeze(-1)
+    rows_R = _kept_rows(mask, lead, student_NV)
     work = torch.promote_types(student_NV.dtype, torch.float32)
     values_N = torch.zeros(student_NV.shape[0], dtype=work, device=student_NV.device)
     if rows_R.numel() == 0:

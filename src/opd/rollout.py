@@ -238,6 +238,39 @@ class _Decoder:
         self.last_logits = out.logits[:, -1]
 
 
+class _Completions:
+    """Tokens and sampler log-probs of a batched decode, step by step; a row stops at its first EOS
+    (later steps write padding) and comes back cut after it."""
+
+    def __init__(self, batch: int, eos_ids: list[int], pad_id: int, device: torch.device) -> None:
+        self.eos_ids = eos_ids
+        self.eos_t = torch.tensor(eos_ids, device=device)
+        self.pad_id = pad_id
+        self.finished_B = torch.zeros(batch, dtype=torch.bool, device=device)
+        self.tokens: list[torch.Tensor] = []
+        self.logprobs: list[torch.Tensor] = []
+
+    def add(self, token_B: torch.Tensor, token_lp_B: torch.Tensor) -> torch.Tensor:
+        """Record one step; returns the tokens to feed back (padding on finished rows)."""
+        token_B = torch.where(self.finished_B, torch.full_like(token_B, self.pad_id), token_B)
+        self.tokens.append(token_B)
+        self.logprobs.append(token_lp_B)
+        self.finished_B = self.finished_B | torch.isin(token_B, self.eos_t)
+        return token_B
+
+    @property
+    def all_finished(self) -> bool:
+        return bool(self.finished_B.all())
+
+    def result(self) -> tuple[list[list[int]], list[list[float]]]:
+        if not self.tokens:
+            return [[] for _ in range(self.finished_B.numel())], [[] for _ in range(self.finished_B.numel())]
+        tokens_BC = torch.stack(self.tokens, dim=1).tolist()
+        logprobs_BC = torch.stack(self.logprobs, dim=1).tolist()
+        completions = [truncate_at_eos(seq, set(self.eos_ids)) for seq in tokens_BC]
+        return completions, [lps[: len(seq)] for lps, seq in zip(logprobs_BC, completions)]
+
+
 def filtered_logprobs(logits_BV: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     """The behaviour policy's log-probs: ``softmax(logits / T)`` restricted to the shared vocabulary,
     then top-k, then top-p (the smallest set of most likely tokens holding at least ``top_p`` of the
@@ -276,13 +309,11 @@ def sample_generate(
     input_ids, attention = _left_pad(prompts, tokenizer.pad_token_id)
     eos_ids = stop_token_ids(model, tokenizer)
     device = next(model.parameters()).device
-    eos_t = torch.tensor(eos_ids, device=device)
     was_training = model.training
     model.eval()
     try:
         decoder = _Decoder(model, input_ids, attention)
-        tokens, logprobs = [], []
-        finished_B = torch.zeros(len(prompts), dtype=torch.bool, device=device)
+        record = _Completions(len(prompts), eos_ids, tokenizer.pad_token_id, device)
         for _ in range(params.max_new_tokens):
             if params.greedy:
                 vocab = params.vocab_size or decoder.last_logits.shape[-1]
@@ -295,19 +326,13 @@ def sample_generate(
                 u_B1 = torch.rand(len(prompts), 1, device=device) * cdf_BV[:, -1:]
                 token_B = torch.searchsorted(cdf_BV, u_B1, right=True).squeeze(-1).clamp(max=cdf_BV.shape[-1] - 1)
                 token_lp_B = logprobs_BV.gather(-1, token_B[:, None]).squeeze(-1)
-            token_B = torch.where(finished_B, torch.full_like(token_B, tokenizer.pad_token_id), token_B)
-            tokens.append(token_B)
-            logprobs.append(token_lp_B)
-            finished_B = finished_B | torch.isin(token_B, eos_t)
-            if bool(finished_B.all()):
+            token_B = record.add(token_B, token_lp_B)
+            if record.all_finished:
                 break
             decoder.feed(token_B)
     finally:
         model.train(was_training)
-    tokens_BC = torch.stack(tokens, dim=1).tolist()
-    logprobs_BC = torch.stack(logprobs, dim=1).tolist()
-    completions = [truncate_at_eos(seq, set(eos_ids)) for seq in tokens_BC]
-    return completions, [lps[: len(seq)] for lps, seq in zip(logprobs_BC, completions)]
+    return record.result()
 
 
 CO_SAMPLERS = ("mixture", "speculative")
@@ -347,15 +372,13 @@ def co_generate(
     input_ids, attention = _left_pad(prompts, tokenizer.pad_token_id)
     eos_ids = stop_token_ids(student, tokenizer)
     device = next(student.parameters()).device
-    eos_t = torch.tensor(eos_ids, device=device)
     vocab = params.vocab_size or student.get_output_embeddings().weight.shape[0]
     was_training = student.training
     student.eval()
     try:
         s_dec = _Decoder(student, input_ids, attention)
         t_dec = _Decoder(teacher, input_ids, attention)
-        tokens, logprobs = [], []
-        finished_B = torch.zeros(len(prompts), dtype=torch.bool, device=device)
+        record = _Completions(len(prompts), eos_ids, tokenizer.pad_token_id, device)
         from_teacher, counted = 0.0, 0.0
         for _ in range(params.max_new_tokens):
             s_lp_BV = torch.log_softmax(s_dec.last_logits[:, :vocab].float() / params.temperature, -1)
@@ -383,23 +406,17 @@ def co_generate(
                 rejected_mass_B = 1.0 - (q_BV * in_top_BV).sum(-1)
                 law_BV = q_BV * in_top_BV + rejected_mass_B.clamp(min=0.0)[:, None] * t_lp_BV.exp()
                 token_lp_B = law_BV.gather(-1, token_B[:, None]).squeeze(-1).clamp(min=1e-30).log()
-            active_B = ~finished_B
+            active_B = ~record.finished_B
             from_teacher += float((use_teacher_B & active_B).sum().item())
             counted += float(active_B.sum().item())
-            token_B = torch.where(finished_B, torch.full_like(token_B, tokenizer.pad_token_id), token_B)
-            tokens.append(token_B)
-            logprobs.append(token_lp_B)
-            finished_B = finished_B | torch.isin(token_B, eos_t)
-            if bool(finished_B.all()):
+            token_B = record.add(token_B, token_lp_B)
+            if record.all_finished:
                 break
             s_dec.feed(token_B)
             t_dec.feed(token_B)
     finally:
         student.train(was_training)
-    tokens_BC = torch.stack(tokens, dim=1).tolist()
-    logprobs_BC = torch.stack(logprobs, dim=1).tolist()
-    completions = [truncate_at_eos(seq, set(eos_ids)) for seq in tokens_BC]
-    sampler_lps = [lps[: len(seq)] for lps, seq in zip(logprobs_BC, completions)]
+    completions, sampler_lps = record.result()
     return completions, sampler_lps, {"rollout/teacher_token_fraction": from_teacher / max(counted, 1.0)}
 
 
