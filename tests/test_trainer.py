@@ -10,9 +10,10 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from conftest import base_overrides
+from conftest import base_overrides, tiny_llama
 from opd.cli import main
 from opd.config import load_config
+from opd.models import completion_logits
 from opd.trainer import train
 
 
@@ -276,7 +277,8 @@ def test_bf16_mixed_precision_covers_student_rollouts_and_teacher(tiny_setup, tm
     real_score = LocalTeacher.score
 
     def observed_score(self, batch):
-        seen.append(torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16)
+        seen.append(torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+                    and self.model.model.layers[0].self_attn.q_proj.weight.dtype == torch.bfloat16)
         return real_score(self, batch)
 
     monkeypatch.setattr(LocalTeacher, "score", observed_score)
@@ -290,3 +292,30 @@ def test_bf16_mixed_precision_covers_student_rollouts_and_teacher(tiny_setup, tm
     after = _weights(out / "final")
     assert all(after[k].dtype == torch.float32 for k in after)
     assert any(not torch.equal(before[k], after[k]) for k in before)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_teacher_compute_in_equals_autocast_over_fp32_weights(tokenizer, tied):
+    """LocalTeacher.compute_in(bf16) stores the linear weights in bf16 once: scores are bit-identical to
+    autocast over the float32 model, embeddings (and a head tied to them) stay float32, and the
+    teacher also runs when called outside any autocast region (eval, upfront teacher answers)."""
+    import copy
+
+    from opd.rollout import SamplingParams, build_batch
+    from opd.teachers import LocalTeacher
+
+    model = tiny_llama(len(tokenizer), hidden=32, seed=7)
+    if tied:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    reference = copy.deepcopy(model).eval()
+    teacher = LocalTeacher(model, tokenizer)
+    teacher.compute_in(torch.bfloat16)
+    assert model.model.layers[0].mlp.up_proj.weight.dtype == torch.bfloat16
+    assert model.model.embed_tokens.weight.dtype == torch.float32
+    assert (model.lm_head.weight.dtype == torch.float32) == tied
+    batch = build_batch([[5, 6, 7], [8, 9]], [[10, 11, 12], [13]], tokenizer.pad_token_id)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = completion_logits(reference, batch.input_ids_BT, batch.attention_mask_BT, batch.completion_len)
+    assert torch.equal(teacher.score(batch), expected)
+    answers = teacher.generate([[5, 6, 7]], SamplingParams(max_new_tokens=4, greedy=True))
+    assert len(answers) == 1 and 1 <= len(answers[0]) <= 4

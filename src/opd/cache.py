@@ -180,7 +180,8 @@ def build_teacher_cache(
         return folder
     examples, _ = load_examples(config.data.train, config.data, tokenizer, limit=rows,
                                 need_answers=source == "dataset")
-    student = load_causal_lm(config.model.student, dtype=config.model.dtype) if source == "student" else None
+    student = load_causal_lm(config.model.student, dtype=config.model.dtype,
+                             attn_implementation=config.model.attn_implementation) if source == "student" else None
     if config.teacher.kind == "served":
         teacher: Any = ServedTeacher(config.teacher, tokenizer)
         vocab = len(tokenizer)

@@ -37,6 +37,12 @@ class ModelConfig(_Section):
         "so keep float32 unless memory forces otherwise.",
     )
     trust_remote_code: bool = Field(False, description="Allow model code from the hub (off by default).")
+    attn_implementation: str = Field(
+        "auto", description="Attention kernel. `auto`: models that load with SDPA run opd's kernel (`opd_sdpa`: "
+        "SDPA's results, computed with float32 matmuls on CPU for short sequences, where PyTorch's CPU SDPA "
+        "backward is slow; long sequences and GPUs still use SDPA); or any transformers name (`sdpa`, `eager`, "
+        "`flash_attention_2`).",
+    )
     lora_r: int | None = Field(
         None, ge=1, description="Train LoRA adapters of this rank (PEFT) instead of all weights; the final model "
         "is saved merged, the adapter alone in final/adapter (null = full fine-tuning).",
@@ -83,6 +89,9 @@ class TeacherConfig(_Section):
         "auto", description="Teacher weight dtype; `auto` keeps the checkpoint's own dtype."
     )
     trust_remote_code: bool = Field(False, description="Allow model code from the hub (off by default).")
+    attn_implementation: str = Field(
+        "auto", description="Teacher attention kernel, as `model.attn_implementation`.",
+    )
     top_k: int | None = Field(
         None, ge=1, description="The teacher exposes only its top-k log-probs per position (teacher-side memory "
         "O(T k), what served teachers and caches return); null = full logits. See `loss.topk_support`.",

@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from opd.attention import set_attention
 from opd.errors import ModelError, OpdError
 
 DTYPES: dict[str, Any] = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16,
@@ -35,8 +36,13 @@ def load_tokenizer(name: str, *, trust_remote_code: bool = False) -> Any:
     return tokenizer
 
 
-def load_causal_lm(name: str, *, dtype: str = "float32", trust_remote_code: bool = False) -> torch.nn.Module:
-    """``AutoModelForCausalLM.from_pretrained`` with safetensors only and one-line errors."""
+def load_causal_lm(name: str, *, dtype: str = "float32", trust_remote_code: bool = False,
+                   attn_implementation: str = "auto") -> torch.nn.Module:
+    """``AutoModelForCausalLM.from_pretrained`` with safetensors only and one-line errors.
+
+    ``attn_implementation``: ``auto`` runs models that load with SDPA on opd's attention kernel
+    (:mod:`opd.attention`); any transformers name (``sdpa``, ``eager``, ``flash_attention_2``) is set as is.
+    """
     from transformers import AutoModelForCausalLM
 
     if _looks_local(name) and not Path(name).expanduser().exists():
@@ -48,6 +54,12 @@ def load_causal_lm(name: str, *, dtype: str = "float32", trust_remote_code: bool
         )
     except Exception as exc:
         raise ModelError(f"cannot load model {name!r}: {str(exc).splitlines()[0]}") from None
+    try:
+        set_attention(model, attn_implementation)
+    except Exception as exc:
+        if attn_implementation != "auto":
+            raise ModelError(f"model {name!r} cannot use attn_implementation={attn_implementation!r}: "
+                             f"{str(exc).splitlines()[0]}") from None
     return model
 
 

@@ -213,7 +213,8 @@ def train(config: RunConfig, *, resume: bool = False, log: Any = print) -> Train
     tokenizer = load_tokenizer(config.model.tokenizer or config.model.student,
                                trust_remote_code=config.model.trust_remote_code)
     student = load_causal_lm(config.model.student, dtype=config.model.dtype,
-                             trust_remote_code=config.model.trust_remote_code)
+                             trust_remote_code=config.model.trust_remote_code,
+                             attn_implementation=config.model.attn_implementation)
     teacher: Any = None
     cache: TeacherCache | None = None
     if config.teacher.kind == "served":
@@ -241,7 +242,8 @@ def train(config: RunConfig, *, resume: bool = False, log: Any = print) -> Train
     reference = None
     if config.loss.reward_scale != 1.0:
         reference = LocalTeacher(load_causal_lm(config.model.student, dtype=config.model.dtype,
-                                                trust_remote_code=config.model.trust_remote_code),
+                                                trust_remote_code=config.model.trust_remote_code,
+                                                attn_implementation=config.model.attn_implementation),
                                  tokenizer, name="reference")
     train_examples, report = load_examples(config.data.train, config.data, tokenizer,
                                            limit=config.data.max_train_examples, need_answers=need_answers)
@@ -290,9 +292,12 @@ def train(config: RunConfig, *, resume: bool = False, log: Any = print) -> Train
     accelerator.wait_for_everyone()
 
     student.to(accelerator.device)
+    compute_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.train.mixed_precision)
     for frozen in (teacher, reference, *routed.values()):
         if getattr(frozen, "model", None) is not None:  # a served teacher has no local model
             frozen.model.to(accelerator.device)
+        if isinstance(frozen, LocalTeacher) and compute_dtype is not None:
+            frozen.compute_in(compute_dtype)  # same logits as autocast over its fp32 weights, cast once
     # A self-teacher's EMA weights are training state: checkpointed and restored with the student.
     teacher_state = {"teacher_ema": teacher.model} if isinstance(teacher, SelfTeacher) and \
         teacher.weights == "ema" else {}
