@@ -181,12 +181,13 @@ def build_teacher_cache(
     examples, _ = load_examples(config.data.train, config.data, tokenizer, limit=rows,
                                 need_answers=source == "dataset")
     student = load_causal_lm(config.model.student, dtype=config.model.dtype,
-                             attn_implementation=config.model.attn_implementation) if source == "student" else None
+                             attn_implementation=config.model.attn_implementation,
+                             cpu_linear=config.train.cpu_linear) if source == "student" else None
     if config.teacher.kind == "served":
         teacher: Any = ServedTeacher(config.teacher, tokenizer)
         vocab = len(tokenizer)
     else:
-        teacher = LocalTeacher.from_config(config.teacher, tokenizer)
+        teacher = LocalTeacher.from_config(config.teacher, tokenizer, cpu_linear=config.train.cpu_linear)
         vocab = shared_vocab_size(tokenizer, teacher.model, *([student] if student is not None else []))
     params = SamplingParams(max_new_tokens=config.rollout.max_new_tokens, temperature=config.temperature,
                             top_p=config.rollout.top_p, top_k=config.rollout.top_k, vocab_size=vocab)

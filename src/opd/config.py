@@ -288,6 +288,12 @@ class TrainConfig(_Section):
         "teacher's scoring; weights and AdamW stay in model.dtype. On CPUs with AVX512-BF16 bf16 matmuls run ~4x "
         "faster than fp32; fp16 needs a GPU.",
     )
+    cpu_linear: Literal["onednn", "torch"] = Field(
+        "onednn", description="CPU linear layers of the student and local teachers. `onednn`: float32 products "
+        "(forward and backward) on oneDNN, and weights prepacked once per rollout for decoding (~2x faster "
+        "than PyTorch's MKL sgemm on AMD CPUs; results equal to float32 rounding); `torch`: plain nn.Linear. "
+        "GPUs are unaffected.",
+    )
     max_nonfinite_steps: int = Field(
         5, ge=1, description="Steps with NaN/inf loss or gradient are skipped; stop after this many in a row."
     )

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from opd.attention import set_attention
+from opd.cpu_linear import use_onednn
 from opd.errors import ModelError, OpdError
 
 DTYPES: dict[str, Any] = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16,
@@ -37,11 +38,12 @@ def load_tokenizer(name: str, *, trust_remote_code: bool = False) -> Any:
 
 
 def load_causal_lm(name: str, *, dtype: str = "float32", trust_remote_code: bool = False,
-                   attn_implementation: str = "auto") -> torch.nn.Module:
+                   attn_implementation: str = "auto", cpu_linear: str = "onednn") -> torch.nn.Module:
     """``AutoModelForCausalLM.from_pretrained`` with safetensors only and one-line errors.
 
     ``attn_implementation``: ``auto`` runs models that load with SDPA on opd's attention kernel
     (:mod:`opd.attention`); any transformers name (``sdpa``, ``eager``, ``flash_attention_2``) is set as is.
+    ``cpu_linear``: ``onednn`` computes the linear layers with :mod:`opd.cpu_linear` on CPU.
     """
     from transformers import AutoModelForCausalLM
 
@@ -60,6 +62,7 @@ def load_causal_lm(name: str, *, dtype: str = "float32", trust_remote_code: bool
         if attn_implementation != "auto":
             raise ModelError(f"model {name!r} cannot use attn_implementation={attn_implementation!r}: "
                              f"{str(exc).splitlines()[0]}") from None
+    use_onednn(model, cpu_linear)
     return model
 
 

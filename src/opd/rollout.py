@@ -16,6 +16,7 @@ anything after EOS.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import math
 import time
@@ -25,6 +26,7 @@ from typing import Any
 import torch
 
 from opd.config import RolloutConfig
+from opd.cpu_linear import packed_for_decoding
 from opd.data import Example
 from opd.errors import DataError
 
@@ -197,10 +199,11 @@ def hf_generate(
     model.eval()
     try:
         model.generation_config = gen_config
-        out = model.generate(
-            input_ids=input_ids.to(device), attention_mask=attention.to(device), generation_config=gen_config,
-            logits_processor=processors,
-        )
+        with packed_for_decoding(model, len(prompts)):
+            out = model.generate(
+                input_ids=input_ids.to(device), attention_mask=attention.to(device), generation_config=gen_config,
+                logits_processor=processors,
+            )
     finally:
         model.generation_config = saved_config
         model.train(was_training)
@@ -311,7 +314,9 @@ def sample_generate(
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
+    stack = contextlib.ExitStack()
     try:
+        stack.enter_context(packed_for_decoding(model, len(prompts)))
         decoder = _Decoder(model, input_ids, attention)
         record = _Completions(len(prompts), eos_ids, tokenizer.pad_token_id, device)
         for _ in range(params.max_new_tokens):
@@ -331,6 +336,7 @@ def sample_generate(
                 break
             decoder.feed(token_B)
     finally:
+        stack.close()
         model.train(was_training)
     return record.result()
 
@@ -375,7 +381,10 @@ def co_generate(
     vocab = params.vocab_size or student.get_output_embeddings().weight.shape[0]
     was_training = student.training
     student.eval()
+    stack = contextlib.ExitStack()
     try:
+        stack.enter_context(packed_for_decoding(student, len(prompts)))
+        stack.enter_context(packed_for_decoding(teacher, len(prompts)))
         s_dec = _Decoder(student, input_ids, attention)
         t_dec = _Decoder(teacher, input_ids, attention)
         record = _Completions(len(prompts), eos_ids, tokenizer.pad_token_id, device)
@@ -415,6 +424,7 @@ def co_generate(
             s_dec.feed(token_B)
             t_dec.feed(token_B)
     finally:
+        stack.close()
         student.train(was_training)
     completions, sampler_lps = record.result()
     return completions, sampler_lps, {"rollout/teacher_token_fraction": from_teacher / max(counted, 1.0)}

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from opd.config import TeacherConfig
+from opd.cpu_linear import OneDNNLinear
 from opd.data import Example
 from opd.errors import DataError, ModelError
 from opd.models import completion_logits, load_causal_lm, load_tokenizer
@@ -99,7 +100,7 @@ class LocalTeacher:
         """
         tied = {id(p) for p in self.model.get_input_embeddings().parameters()}
         for module in self.model.modules():
-            if (type(module) is torch.nn.Linear and module.weight.dtype == torch.float32
+            if (type(module) in (torch.nn.Linear, OneDNNLinear) and module.weight.dtype == torch.float32
                     and id(module.weight) not in tied):
                 module.to(dtype)
         self.compute_dtype = dtype
@@ -111,7 +112,7 @@ class LocalTeacher:
         return torch.autocast(device.type, dtype=self.compute_dtype)
 
     @classmethod
-    def from_config(cls, cfg: TeacherConfig, student_tokenizer: Any) -> LocalTeacher:
+    def from_config(cls, cfg: TeacherConfig, student_tokenizer: Any, *, cpu_linear: str = "onednn") -> LocalTeacher:
         if cfg.model is None:
             raise ModelError("teacher.model is not set")
         tokenizer = load_tokenizer(cfg.tokenizer or cfg.model, trust_remote_code=cfg.trust_remote_code)
@@ -121,7 +122,7 @@ class LocalTeacher:
             raise ModelError(f"the teacher tokenizer of {cfg.model} has no EOS token, which cross-tokenizer "
                              "alignment pairs with the student's")
         model = load_causal_lm(cfg.model, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code,
-                               attn_implementation=cfg.attn_implementation)
+                               attn_implementation=cfg.attn_implementation, cpu_linear=cpu_linear)
         teacher = cls(model, tokenizer, name=cfg.model,
                       student_tokenizer=student_tokenizer if cfg.kind in ("text", "cross_tokenizer") else None)
         teacher.kind = cfg.kind

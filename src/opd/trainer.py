@@ -214,7 +214,8 @@ def train(config: RunConfig, *, resume: bool = False, log: Any = print) -> Train
                                trust_remote_code=config.model.trust_remote_code)
     student = load_causal_lm(config.model.student, dtype=config.model.dtype,
                              trust_remote_code=config.model.trust_remote_code,
-                             attn_implementation=config.model.attn_implementation)
+                             attn_implementation=config.model.attn_implementation,
+                             cpu_linear=config.train.cpu_linear)
     teacher: Any = None
     cache: TeacherCache | None = None
     if config.teacher.kind == "served":
@@ -224,12 +225,12 @@ def train(config: RunConfig, *, resume: bool = False, log: Any = print) -> Train
     elif config.teacher.kind == "self":
         teacher = SelfTeacher(student, tokenizer, config.teacher)  # copies the initial weights when not live
     elif config.teacher.model:
-        teacher = LocalTeacher.from_config(config.teacher, tokenizer)
+        teacher = LocalTeacher.from_config(config.teacher, tokenizer, cpu_linear=config.train.cpu_linear)
     # Multi-teacher routing: named teachers, picked per row by data.teacher_field.
     routed: dict[str, Any] = {}
     for name, routed_cfg in config.teachers.items():
         routed[name] = ServedTeacher(routed_cfg, tokenizer) if routed_cfg.kind == "served" else \
-            LocalTeacher.from_config(routed_cfg, tokenizer)
+            LocalTeacher.from_config(routed_cfg, tokenizer, cpu_linear=config.train.cpu_linear)
     # A text-only teacher may have its own vocabulary: only white-box teachers share the student's.
     scoring_teachers = [t.model for t in [teacher, *routed.values()]
                         if isinstance(t, LocalTeacher) and t.kind == "local"]
@@ -243,7 +244,8 @@ def train(config: RunConfig, *, resume: bool = False, log: Any = print) -> Train
     if config.loss.reward_scale != 1.0:
         reference = LocalTeacher(load_causal_lm(config.model.student, dtype=config.model.dtype,
                                                 trust_remote_code=config.model.trust_remote_code,
-                                                attn_implementation=config.model.attn_implementation),
+                                                attn_implementation=config.model.attn_implementation,
+                             cpu_linear=config.train.cpu_linear),
                                  tokenizer, name="reference")
     train_examples, report = load_examples(config.data.train, config.data, tokenizer,
                                            limit=config.data.max_train_examples, need_answers=need_answers)
