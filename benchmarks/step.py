@@ -7,7 +7,10 @@ gradient clipping at 1 and reverse KL (opd ``on_policy_rkl``; TRL ``beta=1``, wh
 then KL(student || teacher)), and no gradient checkpointing (TRL's default is on, which also makes its
 rollouts run without a KV cache; ``--trl-gradient-checkpointing`` keeps that default). Each trainer
 runs in its own process, one after the other, with the same number of torch threads; the first
-optimizer step is a warm-up and is not timed.
+optimizer step is a warm-up and is not timed. Each trainer runs its models as it ships them: opd on
+its CPU kernels (:mod:`opd.cpu_linear` oneDNN linears, :mod:`opd.attention`), TRL on plain
+transformers modules; ``--trl-opd-kernels`` gives TRL opd's kernels too, which leaves the training
+loops' own difference, and ``--opd-set train.cpu_linear=torch`` takes the linears away from opd.
 
 Reported: completion tokens per second over the timed steps (the completion tokens each trainer
 actually sampled, EOS included, counted from its own masks: opd's ``train/completion_tokens``,
@@ -138,6 +141,15 @@ def run_trl(args: argparse.Namespace) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(args.student)
     student = AutoModelForCausalLM.from_pretrained(args.student, dtype=torch.float32)
     teacher = AutoModelForCausalLM.from_pretrained(args.teacher, dtype=torch.float32)
+    if args.trl_opd_kernels:
+        # Attribution run: TRL on opd's CPU kernels (oneDNN linears, opd_sdpa attention), so the gap
+        # left is the training loop itself. Its generate() does not prepack weights for decoding.
+        from opd.attention import set_attention
+        from opd.cpu_linear import use_onednn
+
+        for model in (student, teacher):
+            set_attention(model, "auto")
+            use_onednn(model)
     rows = [json.loads(line) for line in Path(str(TRAIN_PROMPTS)).read_text().splitlines() if line.strip()]
     # GKD's collator takes the prompt from messages[:-1]; the last (assistant) turn is the reference,
     # which lambda = 1 never trains on.
@@ -179,6 +191,8 @@ def _spawn(impl: str, args: argparse.Namespace, teacher: str, student: str, work
            "--threads", str(args.threads), "--seed", str(args.seed)]
     if args.trl_gradient_checkpointing:
         cmd.append("--trl-gradient-checkpointing")
+    if args.trl_opd_kernels:
+        cmd.append("--trl-opd-kernels")
     cmd += ["--precision", args.precision, "--device", args.device]
     for item in args.opd_set or []:
         cmd += ["--opd-set", item]
@@ -213,6 +227,9 @@ def main() -> None:
     parser.add_argument("--cache-dir", help="where the float32 teacher and pruned student are cached")
     parser.add_argument("--trl-gradient-checkpointing", action="store_true",
                         help="keep TRL's default gradient checkpointing (and its cache-less rollouts)")
+    parser.add_argument("--trl-opd-kernels", action="store_true",
+                        help="give TRL's models opd's CPU kernels too (oneDNN linears, opd_sdpa attention), to "
+                             "separate the kernels' share of the speed-up from the training loop's")
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds per trainer")
     parser.add_argument("--opd-engine", choices=("hf", "vllm"), default="hf",
                         help="opd's rollout engine (vllm: weights pushed every step; needs opd[vllm])")
@@ -241,7 +258,8 @@ def main() -> None:
     teacher, student = _prepare(args.cache_dir, args.stride)
     print(f"teacher {teacher}\nstudent {student}\nbatch {args.batch_size}, max_new_tokens {args.max_new_tokens}, "
           f"lr {args.lr}, {args.warmup} warm-up + {args.steps} timed steps, {args.threads} threads, "
-          f"reverse KL, temperature 1, {args.precision} on {args.device}, opd engine {args.opd_engine}", flush=True)
+          f"reverse KL, temperature 1, {args.precision} on {args.device}, opd engine {args.opd_engine}"
+          + (", TRL on opd's CPU kernels" if args.trl_opd_kernels else ""), flush=True)
     with tempfile.TemporaryDirectory(prefix="opd-step-bench-") as workdir:
         results = {}
         for impl in ("opd", "trl"):
@@ -265,6 +283,7 @@ def main() -> None:
                          "steps": args.steps, "warmup": args.warmup, "threads": args.threads, "seed": args.seed,
                          "stride": args.stride, "teacher": teacher, "student": student,
                          "trl_gradient_checkpointing": args.trl_gradient_checkpointing,
+                         "trl_opd_kernels": args.trl_opd_kernels,
                          "opd_engine": args.opd_engine, "precision": args.precision, "device": args.device,
                          "opd_overrides": args.opd_set or []},
         }

@@ -16,6 +16,23 @@ from opd.rollout import SamplingParams, build_batch, sample_generate
 pytestmark = pytest.mark.skipif(not cpu_linear.available(), reason="this torch build has no oneDNN linear")
 
 
+@pytest.fixture(autouse=True)
+def onednn_for_small_layers(monkeypatch, request):
+    """The layers here are tiny; route them to oneDNN anyway (except where the size rule is tested)."""
+    if "size_rule" not in request.node.name:
+        monkeypatch.setattr(cpu_linear, "MIN_WEIGHT_ELEMENTS", 0)
+
+
+def test_size_rule_keeps_small_layers_on_f_linear():
+    plain, ours = linear_pair(True, seed=6)
+    assert ours.weight.numel() < cpu_linear.MIN_WEIGHT_ELEMENTS
+    x = torch.randn(4, 24, requires_grad=True)
+    out = ours(x)
+    assert torch.equal(out, plain(x)) and "OneDNN" not in type(out.grad_fn).__name__
+    with torch.no_grad(), packed_for_decoding(ours, rows=4):
+        assert ours._opd_packed is None
+
+
 def linear_pair(bias: bool, seed: int = 0) -> tuple[torch.nn.Linear, torch.nn.Linear]:
     torch.manual_seed(seed)
     plain = torch.nn.Linear(24, 40, bias=bias)

@@ -31,6 +31,10 @@ import torch
 import torch.nn.functional as F
 
 _ok: bool | None = None
+# Below this many weight elements a layer stays on F.linear: oneDNN's per-call cost (~10 us) is more
+# than it saves on a 64 x 32 layer, and more than half of it already on 20 x 32 (measured; the
+# SmolLM2-135M layers start at 576 x 192).
+MIN_WEIGHT_ELEMENTS = 1 << 16
 
 
 def _pointwise(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -82,7 +86,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
            packed: tuple[torch.dtype, torch.Tensor, torch.Tensor | None] | None = None) -> torch.Tensor:
     """``F.linear``, on oneDNN where that is faster: CPU float32 outside autocast, and prepacked
     weights (``packed`` = (dtype, weight, bias)) in no-grad calls of that dtype."""
-    if x.device.type != "cpu" or not available():
+    if x.device.type != "cpu" or weight.numel() < MIN_WEIGHT_ELEMENTS or not available():
         return F.linear(x, weight, bias)
     autocast = torch.is_autocast_enabled("cpu")
     if packed is not None and not torch.is_grad_enabled():
@@ -130,7 +134,8 @@ def packed_for_decoding(model: torch.nn.Module, rows: int) -> Iterator[None]:
     oneDNN's blocked layout for ``rows``-row inputs, in the dtype they compute in: the autocast
     dtype when autocast is on, else the weights' own. The copies live only as long as the block;
     in a training step they exist while gradients are None, so the step's peak memory is unchanged."""
-    modules = [m for m in model.modules() if isinstance(m, OneDNNLinear) and m.weight.device.type == "cpu"]
+    modules = [m for m in model.modules() if isinstance(m, OneDNNLinear) and m.weight.device.type == "cpu"
+               and m.weight.numel() >= MIN_WEIGHT_ELEMENTS]
     dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None
     packed: list[OneDNNLinear] = []
     try:
