@@ -89,7 +89,10 @@ def run_opd(args: argparse.Namespace) -> dict:
     }
     for item in args.opd_set or []:
         key, _, value = item.partition("=")
-        overrides[key] = json.loads(value) if value[:1] in "0123456789-[{tfn\"" else value
+        try:
+            overrides[key] = json.loads(value)  # numbers, true/false/null, lists
+        except json.JSONDecodeError:
+            overrides[key] = value  # a plain string such as `torch`
     config = load_config("on_policy_rkl", [f"{k}={json.dumps(v)}" for k, v in overrides.items()])
     train(config, log=lambda *a: None)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
