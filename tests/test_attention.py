@@ -126,3 +126,28 @@ def test_load_causal_lm_picks_the_kernel(tmp_path):
     eager.set_attn_implementation("eager")
     assert attention.set_attention(eager, "auto") == "eager"
     assert eager.config._attn_implementation == "eager"
+
+
+def test_static_cache_prefill_is_top_left_causal_like_sdpa():
+    """A prefill into an empty static cache comes without a mask and with more keys (empty slots)
+    than queries: causal must be top-left aligned, as SDPA's is_causal."""
+    from transformers import StaticCache
+
+    sdpa, ours = pair(seed=6)
+    ids = torch.tensor([[3, 4, 5, 6, 7]])
+    with torch.no_grad():
+        logits = [model(input_ids=ids, use_cache=True,
+                        past_key_values=StaticCache(config=model.config, max_cache_len=16)).logits
+                  for model in (sdpa, ours)]
+    torch.testing.assert_close(logits[1], logits[0], atol=1e-5, rtol=1e-5)
+
+
+def test_value_heads_of_another_size_go_to_sdpa():
+    module = torch.nn.Module()
+    module.is_causal = True
+    query, key = torch.randn(1, 2, 3, 8), torch.randn(1, 2, 3, 8)
+    value = torch.randn(1, 2, 3, 4)  # MLA-style: values narrower than queries and keys
+    out, _ = attention.attention_forward(module, query, key, value, None)
+    expected, _ = attention._sdpa(module, query, key, value, None)
+    assert out.shape == (1, 3, 2, 4)
+    torch.testing.assert_close(out, expected)

@@ -140,3 +140,19 @@ def test_converted_model_trains_and_decodes_like_the_plain_one(tokenizer):
     params = SamplingParams(max_new_tokens=6, greedy=True)
     assert sample_generate(ours, prompts, params, tokenizer)[0] == sample_generate(plain, prompts, params, tokenizer)[0]
     assert all(m._opd_packed is None for m in ours.modules() if isinstance(m, OneDNNLinear))
+
+
+def test_nested_blocks_stale_weights_and_dtype_mismatch():
+    plain, ours = linear_pair(False, seed=7)
+    x = torch.randn(8, 24)
+    with torch.no_grad(), packed_for_decoding(ours, rows=8):
+        packed = ours._opd_packed
+        with packed_for_decoding(ours, rows=8):  # an enclosing block's copies are kept
+            assert ours._opd_packed is packed
+        assert ours._opd_packed is packed
+        ours.weight.mul_(2.0)  # changed in place: the packed copy is stale and must not be used
+        plain.weight.mul_(2.0)
+        torch.testing.assert_close(ours(x), plain(x), atol=1e-5, rtol=1e-5)
+        with pytest.raises(RuntimeError):  # bf16 input to float32 weights fails as with F.linear
+            ours(x.to(torch.bfloat16))
+    assert ours._opd_packed is None

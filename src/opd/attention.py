@@ -47,14 +47,16 @@ def attention_forward(
     """Attention with transformers' SDPA calling convention: returns ``[B, Q, H, D]`` and no weights.
 
     ``attention_mask`` is what ``sdpa_mask`` builds: boolean ``[B, 1, Q, S]`` (True = attend), or
-    None for a plain causal (or, in decoding, unmasked) pattern. Grouped-query heads are handled by
+    None for a plain causal pattern from position 0 (top-left aligned, as SDPA's ``is_causal``) or,
+    for a single query, no mask. Grouped-query heads are handled by
     folding each key/value head's query heads into the query axis, so keys and values are never
     repeated.
     """
     batch, heads, queries, head_dim = query_BHQD.shape
     kv_heads, keys = key_BKSD.shape[1], key_BKSD.shape[2]
     unsupported = (kwargs.get("softcap") is not None or kwargs.get("s_aux") is not None
-                   or kwargs.get("position_bias") is not None)
+                   or kwargs.get("position_bias") is not None
+                   or value_BKSD.shape[-1] != head_dim)  # MLA-style value heads of another size
     if (query_BHQD.device.type != "cpu" or unsupported or heads % kv_heads
             or batch * heads * queries * keys > MAX_SCORE_ELEMENTS
             or (attention_mask is not None and attention_mask.dtype != torch.bool)):
@@ -71,9 +73,9 @@ def attention_forward(
         if attention_mask is None:
             causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
             if causal and queries > 1:
-                # Bottom-right aligned: the last query sees every key (queries continue a cache).
-                attention_mask = torch.ones(queries, keys, dtype=torch.bool,
-                                            device=query_BHQD.device).tril(keys - queries)
+                # Top-left aligned, as SDPA's is_causal: transformers only omits the mask for a
+                # prefill from position 0 (keys beyond the queries are empty static-cache slots).
+                attention_mask = torch.ones(queries, keys, dtype=torch.bool, device=query_BHQD.device).tril()
         if attention_mask is not None:
             # [Q, S] (causal) or [B, 1, 1, Q, S] (transformers' mask, broadcast over the folded groups)
             mask = attention_mask if attention_mask.dim() == 2 else attention_mask.unsqueeze(2)

@@ -83,15 +83,19 @@ class _OneDNNLinearFunction(torch.autograd.Function):
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-           packed: tuple[torch.dtype, torch.Tensor, torch.Tensor | None] | None = None) -> torch.Tensor:
+           packed: tuple[torch.dtype, torch.Tensor, torch.Tensor | None, int] | None = None) -> torch.Tensor:
     """``F.linear``, on oneDNN where that is faster: CPU float32 outside autocast, and prepacked
-    weights (``packed`` = (dtype, weight, bias)) in no-grad calls of that dtype."""
+    weights (``packed`` = (dtype, weight, bias, weight version)) in no-grad calls of that dtype.
+    The autograd function is first-order only (``create_graph=True`` is refused)."""
     if x.device.type != "cpu" or weight.numel() < MIN_WEIGHT_ELEMENTS or not available():
         return F.linear(x, weight, bias)
     autocast = torch.is_autocast_enabled("cpu")
     if packed is not None and not torch.is_grad_enabled():
-        dtype, packed_weight, packed_bias = packed
-        if dtype == (torch.get_autocast_dtype("cpu") if autocast else weight.dtype):
+        dtype, packed_weight, packed_bias, version = packed
+        # Only for the dtype the call would compute in anyway, and only while the weights are the
+        # ones that were packed (an in-place update bumps the version counter).
+        if version == weight._version and (dtype == torch.get_autocast_dtype("cpu") if autocast
+                                           else dtype == weight.dtype == x.dtype):
             return _pointwise(x.to(dtype), packed_weight, packed_bias)
     if autocast or x.dtype != torch.float32 or weight.dtype != torch.float32 or x.numel() == 0:
         return F.linear(x, weight, bias)
@@ -105,7 +109,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 class OneDNNLinear(torch.nn.Linear):
     """An ``nn.Linear`` computed by :func:`linear` (same parameters, same state dict)."""
 
-    _opd_packed: tuple[torch.dtype, torch.Tensor, torch.Tensor | None] | None = None
+    _opd_packed: tuple[torch.dtype, torch.Tensor, torch.Tensor | None, int] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return linear(x, self.weight, self.bias, self._opd_packed)
@@ -132,8 +136,15 @@ def use_onednn(model: torch.nn.Module, mode: str = "onednn") -> int:
 def packed_for_decoding(model: torch.nn.Module, rows: int) -> Iterator[None]:
     """Within the block, no-grad calls of ``model``'s oneDNN linears use weights reordered once into
     oneDNN's blocked layout for ``rows``-row inputs, in the dtype they compute in: the autocast
-    dtype when autocast is on, else the weights' own. The copies live only as long as the block;
-    in a training step they exist while gradients are None, so the step's peak memory is unchanged."""
+    dtype when autocast is on, else the weights' own.
+
+    The copies (one set of linear weights in that dtype) live only as long as the block. For a
+    student in a training step they exist while its gradients are None, so the step's peak memory
+    does not rise; for a frozen model (a teacher, LoRA base weights) they are extra memory while
+    it decodes. A weight changed in place inside the block is noticed (version counter) and served
+    unpacked. Modules already packed by an enclosing block keep that block's copies. Packed
+    weights are opaque oneDNN tensors: ``state_dict`` is unaffected, but do not ``deepcopy`` or
+    ``torch.save`` a whole model inside the block."""
     modules = [m for m in model.modules() if isinstance(m, OneDNNLinear) and m.weight.device.type == "cpu"
                and m.weight.numel() >= MIN_WEIGHT_ELEMENTS]
     dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None
@@ -143,14 +154,14 @@ def packed_for_decoding(model: torch.nn.Module, rows: int) -> Iterator[None]:
             with torch.no_grad():
                 for module in modules:
                     own = dtype or module.weight.dtype
-                    if own not in (torch.float32, torch.bfloat16):
+                    if own not in (torch.float32, torch.bfloat16) or "_opd_packed" in module.__dict__:
                         continue
                     weight = module.weight.detach().to(own)
                     module._opd_packed = (
                         own, torch.ops.mkldnn._reorder_linear_weight(weight, max(rows, 1)),
-                        None if module.bias is None else module.bias.detach().to(own))
+                        None if module.bias is None else module.bias.detach().to(own), module.weight._version)
                     packed.append(module)
         yield
     finally:
         for module in packed:
-            del module._opd_packed  # back to the class default (None)
+            module.__dict__.pop("_opd_packed", None)  # back to the class default (None)

@@ -467,11 +467,14 @@ class BehaviourPolicy:
             if self.teacher is None or not hasattr(self.teacher, "model"):
                 raise DataError(f"rollout.sampler={self.cfg.sampler} needs a local teacher model")
             start = time.perf_counter()
-            outs, lps, co_metrics = co_generate(
-                student, self.teacher.model, [examples[i].prompt_ids for i in student_idx], self.params,
-                self.tokenizer, rule=self.cfg.sampler, mixture_alpha=self.cfg.mixture_alpha,
-                accept_top_k=self.cfg.speculative_top_k,
-            )
+            # A teacher set to compute in bf16 (LocalTeacher.compute_in) decodes under its own autocast.
+            precision = getattr(self.teacher, "_precision", contextlib.nullcontext)
+            with precision():
+                outs, lps, co_metrics = co_generate(
+                    student, self.teacher.model, [examples[i].prompt_ids for i in student_idx], self.params,
+                    self.tokenizer, rule=self.cfg.sampler, mixture_alpha=self.cfg.mixture_alpha,
+                    accept_top_k=self.cfg.speculative_top_k,
+                )
             timings["perf/generate_student_s"] = time.perf_counter() - start
             timings.update(co_metrics)
             sampler_lps = [None] * len(examples)

@@ -245,7 +245,7 @@ def train(config: RunConfig, *, resume: bool = False, log: Any = print) -> Train
         reference = LocalTeacher(load_causal_lm(config.model.student, dtype=config.model.dtype,
                                                 trust_remote_code=config.model.trust_remote_code,
                                                 attn_implementation=config.model.attn_implementation,
-                             cpu_linear=config.train.cpu_linear),
+                                                cpu_linear=config.train.cpu_linear),
                                  tokenizer, name="reference")
     train_examples, report = load_examples(config.data.train, config.data, tokenizer,
                                            limit=config.data.max_train_examples, need_answers=need_answers)
