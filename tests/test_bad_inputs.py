@@ -88,6 +88,11 @@ CASES = [
     ("missing_student_path", {"model.student": "/nonexistent/student"}, "on_policy_rkl", "does not exist"),
     ("missing_teacher", {"teacher.model": "null"}, "on_policy_rkl", "teacher.model is required"),
     ("verifier_unknown", {"loss.verifier": "no_such_check"}, "kdrl", "unknown verifier"),
+    ("unknown_attention_kernel", {"model.attn_implementation": "sdpaa"}, "on_policy_rkl",
+     "cannot use attn_implementation='sdpaa'"),
+    ("unknown_teacher_attention_kernel", {"teacher.attn_implementation": "fast"}, "on_policy_rkl",
+     "cannot use attn_implementation='fast'"),
+    ("unknown_cpu_linear", {"train.cpu_linear": "mkl"}, "on_policy_rkl", "train.cpu_linear"),
 ]
 
 
