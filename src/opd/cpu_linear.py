@@ -126,8 +126,9 @@ def use_onednn(model: torch.nn.Module, mode: str = "onednn") -> int:
     if mode == "torch" or os.environ.get("OPD_CPU_LINEAR") == "torch":
         return 0
     if not available():
-        warnings.warn("oneDNN's linear kernel is not usable in this torch build; CPU linear layers stay on "
-                      "F.linear", stacklevel=2)
+        if platform.machine().lower() in ("x86_64", "amd64"):  # elsewhere it is expected, not news
+            warnings.warn("oneDNN's linear kernel is not usable in this torch build; CPU linear layers stay on "
+                          "F.linear", stacklevel=2)
         return 0
     count = 0
     for module in model.modules():
