@@ -3,7 +3,7 @@
 PyTorch sends CPU float32 matmuls to the BLAS it was built with, MKL in the x86 wheels, and only
 bf16/fp16 ones to oneDNN. On AMD CPUs MKL's sgemm does not take its AVX-512 path: on the 2-core
 AMD EPYC machine this project is developed on, ``F.linear`` in float32 runs at about half the speed
-of the same product on oneDNN. For the layer shapes of SmolLM2-135M, oneDNN takes 0.45x the time
+of the same product on oneDNN. For the layer shapes of SmolLM2-135M, oneDNN takes 0.46-0.53x the time
 forward and 0.5-0.9x backward. The gap is widest in decoding: 8 rows against 49,152 x 576 take
 13.4 ms with ``F.linear`` and 2.4 ms with oneDNN's prepacked weights, and 3.4 against 1.2 ms in
 bf16. The results are float32 products with a different summation order, the same to ~1e-6
