@@ -314,29 +314,27 @@ def sample_generate(
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    stack = contextlib.ExitStack()
     try:
-        stack.enter_context(packed_for_decoding(model, len(prompts)))
-        decoder = _Decoder(model, input_ids, attention)
-        record = _Completions(len(prompts), eos_ids, tokenizer.pad_token_id, device)
-        for _ in range(params.max_new_tokens):
-            if params.greedy:
-                vocab = params.vocab_size or decoder.last_logits.shape[-1]
-                token_B = decoder.last_logits[:, :vocab].argmax(-1)
-                token_lp_B = torch.zeros(len(prompts), device=device)
-            else:
-                logprobs_BV = filtered_logprobs(decoder.last_logits, params)
-                cdf_BV = logprobs_BV.exp().cumsum(-1)
-                # First index whose CDF exceeds u: never a zero-probability token, never past the end.
-                u_B1 = torch.rand(len(prompts), 1, device=device) * cdf_BV[:, -1:]
-                token_B = torch.searchsorted(cdf_BV, u_B1, right=True).squeeze(-1).clamp(max=cdf_BV.shape[-1] - 1)
-                token_lp_B = logprobs_BV.gather(-1, token_B[:, None]).squeeze(-1)
-            token_B = record.add(token_B, token_lp_B)
-            if record.all_finished:
-                break
-            decoder.feed(token_B)
+        with packed_for_decoding(model, len(prompts)):
+            decoder = _Decoder(model, input_ids, attention)
+            record = _Completions(len(prompts), eos_ids, tokenizer.pad_token_id, device)
+            for _ in range(params.max_new_tokens):
+                if params.greedy:
+                    vocab = params.vocab_size or decoder.last_logits.shape[-1]
+                    token_B = decoder.last_logits[:, :vocab].argmax(-1)
+                    token_lp_B = torch.zeros(len(prompts), device=device)
+                else:
+                    logprobs_BV = filtered_logprobs(decoder.last_logits, params)
+                    cdf_BV = logprobs_BV.exp().cumsum(-1)
+                    # First index whose CDF exceeds u: never a zero-probability token, never past the end.
+                    u_B1 = torch.rand(len(prompts), 1, device=device) * cdf_BV[:, -1:]
+                    token_B = torch.searchsorted(cdf_BV, u_B1, right=True).squeeze(-1).clamp(max=cdf_BV.shape[-1] - 1)
+                    token_lp_B = logprobs_BV.gather(-1, token_B[:, None]).squeeze(-1)
+                token_B = record.add(token_B, token_lp_B)
+                if record.all_finished:
+                    break
+                decoder.feed(token_B)
     finally:
-        stack.close()
         model.train(was_training)
     return record.result()
 
@@ -381,50 +379,47 @@ def co_generate(
     vocab = params.vocab_size or student.get_output_embeddings().weight.shape[0]
     was_training = student.training
     student.eval()
-    stack = contextlib.ExitStack()
     try:
-        stack.enter_context(packed_for_decoding(student, len(prompts)))
-        stack.enter_context(packed_for_decoding(teacher, len(prompts)))
-        s_dec = _Decoder(student, input_ids, attention)
-        t_dec = _Decoder(teacher, input_ids, attention)
-        record = _Completions(len(prompts), eos_ids, tokenizer.pad_token_id, device)
-        from_teacher, counted = 0.0, 0.0
-        for _ in range(params.max_new_tokens):
-            s_lp_BV = torch.log_softmax(s_dec.last_logits[:, :vocab].float() / params.temperature, -1)
-            t_lp_BV = torch.log_softmax(t_dec.last_logits[:, :vocab].float().to(device) / params.temperature, -1)
-            if rule == "mixture":
-                # Choose the component first, then the token: same distribution as sampling the
-                # mixture directly, and it tells us which component wrote the token.
-                use_teacher_B = torch.rand(len(prompts), device=device) < mixture_alpha
-                from_s = torch.multinomial(s_lp_BV.exp(), 1).squeeze(-1)
-                from_t = torch.multinomial(t_lp_BV.exp(), 1).squeeze(-1)
-                token_B = torch.where(use_teacher_B, from_t, from_s)
-                mix_BV = torch.logaddexp(s_lp_BV + math.log1p(-mixture_alpha), t_lp_BV + math.log(mixture_alpha)) \
-                    if 0.0 < mixture_alpha < 1.0 else (t_lp_BV if mixture_alpha >= 1.0 else s_lp_BV)
-                token_lp_B = mix_BV.gather(-1, token_B[:, None]).squeeze(-1)
-            else:
-                proposal_B = torch.multinomial(s_lp_BV.exp(), 1).squeeze(-1)
-                top_ids_BK = t_lp_BV.topk(min(accept_top_k, vocab), dim=-1).indices
-                in_top_BV = torch.zeros_like(s_lp_BV, dtype=torch.bool).scatter_(-1, top_ids_BK, True)
-                accepted_B = in_top_BV.gather(-1, proposal_B[:, None]).squeeze(-1)
-                replacement_B = torch.multinomial(t_lp_BV.exp(), 1).squeeze(-1)
-                token_B = torch.where(accepted_B, proposal_B, replacement_B)
-                use_teacher_B = ~accepted_B
-                # P(y) = q(y) [y in top-K] + (1 - q(top-K)) p(y): the law of the interleaved token.
-                q_BV = s_lp_BV.exp()
-                rejected_mass_B = 1.0 - (q_BV * in_top_BV).sum(-1)
-                law_BV = q_BV * in_top_BV + rejected_mass_B.clamp(min=0.0)[:, None] * t_lp_BV.exp()
-                token_lp_B = law_BV.gather(-1, token_B[:, None]).squeeze(-1).clamp(min=1e-30).log()
-            active_B = ~record.finished_B
-            from_teacher += float((use_teacher_B & active_B).sum().item())
-            counted += float(active_B.sum().item())
-            token_B = record.add(token_B, token_lp_B)
-            if record.all_finished:
-                break
-            s_dec.feed(token_B)
-            t_dec.feed(token_B)
+        with packed_for_decoding(student, len(prompts)), packed_for_decoding(teacher, len(prompts)):
+            s_dec = _Decoder(student, input_ids, attention)
+            t_dec = _Decoder(teacher, input_ids, attention)
+            record = _Completions(len(prompts), eos_ids, tokenizer.pad_token_id, device)
+            from_teacher, counted = 0.0, 0.0
+            for _ in range(params.max_new_tokens):
+                s_lp_BV = torch.log_softmax(s_dec.last_logits[:, :vocab].float() / params.temperature, -1)
+                t_lp_BV = torch.log_softmax(t_dec.last_logits[:, :vocab].float().to(device) / params.temperature, -1)
+                if rule == "mixture":
+                    # Choose the component first, then the token: same distribution as sampling the
+                    # mixture directly, and it tells us which component wrote the token.
+                    use_teacher_B = torch.rand(len(prompts), device=device) < mixture_alpha
+                    from_s = torch.multinomial(s_lp_BV.exp(), 1).squeeze(-1)
+                    from_t = torch.multinomial(t_lp_BV.exp(), 1).squeeze(-1)
+                    token_B = torch.where(use_teacher_B, from_t, from_s)
+                    mix_BV = torch.logaddexp(s_lp_BV + math.log1p(-mixture_alpha), t_lp_BV + math.log(mixture_alpha)) \
+                        if 0.0 < mixture_alpha < 1.0 else (t_lp_BV if mixture_alpha >= 1.0 else s_lp_BV)
+                    token_lp_B = mix_BV.gather(-1, token_B[:, None]).squeeze(-1)
+                else:
+                    proposal_B = torch.multinomial(s_lp_BV.exp(), 1).squeeze(-1)
+                    top_ids_BK = t_lp_BV.topk(min(accept_top_k, vocab), dim=-1).indices
+                    in_top_BV = torch.zeros_like(s_lp_BV, dtype=torch.bool).scatter_(-1, top_ids_BK, True)
+                    accepted_B = in_top_BV.gather(-1, proposal_B[:, None]).squeeze(-1)
+                    replacement_B = torch.multinomial(t_lp_BV.exp(), 1).squeeze(-1)
+                    token_B = torch.where(accepted_B, proposal_B, replacement_B)
+                    use_teacher_B = ~accepted_B
+                    # P(y) = q(y) [y in top-K] + (1 - q(top-K)) p(y): the law of the interleaved token.
+                    q_BV = s_lp_BV.exp()
+                    rejected_mass_B = 1.0 - (q_BV * in_top_BV).sum(-1)
+                    law_BV = q_BV * in_top_BV + rejected_mass_B.clamp(min=0.0)[:, None] * t_lp_BV.exp()
+                    token_lp_B = law_BV.gather(-1, token_B[:, None]).squeeze(-1).clamp(min=1e-30).log()
+                active_B = ~record.finished_B
+                from_teacher += float((use_teacher_B & active_B).sum().item())
+                counted += float(active_B.sum().item())
+                token_B = record.add(token_B, token_lp_B)
+                if record.all_finished:
+                    break
+                s_dec.feed(token_B)
+                t_dec.feed(token_B)
     finally:
-        stack.close()
         student.train(was_training)
     completions, sampler_lps = record.result()
     return completions, sampler_lps, {"rollout/teacher_token_fraction": from_teacher / max(counted, 1.0)}
@@ -468,7 +463,7 @@ class BehaviourPolicy:
                 raise DataError(f"rollout.sampler={self.cfg.sampler} needs a local teacher model")
             start = time.perf_counter()
             # A teacher set to compute in bf16 (LocalTeacher.compute_in) decodes under its own autocast.
-            precision = getattr(self.teacher, "_precision", contextlib.nullcontext)
+            precision = getattr(self.teacher, "precision", contextlib.nullcontext)
             with precision():
                 outs, lps, co_metrics = co_generate(
                     student, self.teacher.model, [examples[i].prompt_ids for i in student_idx], self.params,

@@ -105,7 +105,8 @@ class LocalTeacher:
                 module.to(dtype)
         self.compute_dtype = dtype
 
-    def _precision(self) -> Any:
+    def precision(self) -> Any:
+        """Autocast to the dtype set by :meth:`compute_in` (a no-op context before that)."""
         if self.compute_dtype is None:
             return contextlib.nullcontext()
         device = next(self.model.parameters()).device
@@ -137,7 +138,7 @@ class LocalTeacher:
         prompts = own_template_prompts(batch, self.tokenizer, self.student_template)
         if prompts is not None:
             batch = _with_prompts(batch, prompts, self.tokenizer.pad_token_id or 0)
-        with self._precision():
+        with self.precision():
             return completion_logits(
                 self.model, batch.input_ids_BT.to(device), batch.attention_mask_BT.to(device), batch.completion_len
             )
@@ -154,7 +155,7 @@ class LocalTeacher:
         completions = [batch.completion_ids_BC[i, :n].tolist() for i, n in enumerate(lengths)]
         view = teacher_view(self.student_tokenizer, self.tokenizer, prompts, completions)
         device = next(self.model.parameters()).device
-        with self._precision():
+        with self.precision():
             logits = completion_logits(self.model, view.input_ids_BT.to(device), view.attention_mask_BT.to(device),
                                        view.completion_len)
         return logits, view.input_ids_BT[:, -view.completion_len :], view.alignments
@@ -162,14 +163,14 @@ class LocalTeacher:
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[list[int]]:
         """Teacher samples as student token ids (re-tokenised through text for a text-only teacher)."""
         if self.student_tokenizer is None:
-            with self._precision():
+            with self.precision():
                 return hf_generate(self.model, prompts, params, self.tokenizer)
         student_tok = self.student_tokenizer
         texts = student_tok.batch_decode(prompts, skip_special_tokens=True)
         teacher_prompts = [self.tokenizer(text).input_ids for text in texts]
         own = SamplingParams(params.max_new_tokens, params.temperature, params.top_p, params.top_k, params.greedy,
                              vocab_size=len(self.tokenizer))
-        with self._precision():
+        with self.precision():
             outs = hf_generate(self.model, teacher_prompts, own, self.tokenizer)
         answers = self.tokenizer.batch_decode(outs, skip_special_tokens=True)
         return [student_tok(text, add_special_tokens=False).input_ids[: params.max_new_tokens - 1]
