@@ -139,3 +139,19 @@ def test_argparse_errors_are_one_line(capsys):
         assert exc.value.code == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith("opd: error:") and len(err.splitlines()) == 1, err
+
+
+def test_on_policy_schedule_interpolates_and_is_checked():
+    from opd.config import RolloutConfig
+
+    cfg = RolloutConfig(on_policy_schedule=[[0.0, 0.0], [0.25, 0.0], [0.5, 1.0]])
+    assert [cfg.on_policy_fraction_at(s, 101) for s in (1, 26, 38, 51, 101)] == [0.0, 0.0, 0.48, 1.0, 1.0]
+    assert cfg.on_policy_range() == (0.0, 1.0)
+    assert RolloutConfig(on_policy_fraction=0.3).on_policy_fraction_at(7, 10) == 0.3
+    for bad in ([[0.5, 0.0], [0.5, 1.0]], [[0.0, 1.5]], []):
+        with pytest.raises(ValueError):
+            RolloutConfig(on_policy_schedule=bad)
+    # a policy-gradient objective needs student samples throughout
+    with pytest.raises(ConfigError, match="on_policy_fraction=1"):
+        load_config("sampled_token_opd", ["model.student=s", "teacher.model=t", "data.train=d",
+                                           "rollout.on_policy_schedule=[[0, 0], [1, 1]]"])

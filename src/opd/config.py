@@ -120,12 +120,53 @@ class DataConfig(_Section):
 
 
 class RolloutConfig(_Section):
+    @model_validator(mode="after")
+    def _check_schedule(self) -> RolloutConfig:
+        points = self.on_policy_schedule
+        if points is not None:
+            if not points:
+                raise ValueError("rollout.on_policy_schedule needs at least one [progress, lambda] point")
+            for progress, fraction in points:
+                if not (0.0 <= progress <= 1.0 and 0.0 <= fraction <= 1.0):
+                    raise ValueError(f"rollout.on_policy_schedule point {[progress, fraction]}: progress and "
+                                     "lambda must both be in [0, 1]")
+            if any(b[0] <= a[0] for a, b in zip(points, points[1:])):
+                raise ValueError("rollout.on_policy_schedule: progress values must increase strictly")
+        return self
+
+    def on_policy_fraction_at(self, step: int, total_steps: int) -> float:
+        """GKD's lambda at ``step`` (1-based): ``on_policy_fraction``, or the schedule's value there."""
+        points = self.on_policy_schedule
+        if points is None:
+            return self.on_policy_fraction
+        progress = (step - 1) / max(1, total_steps - 1)
+        if progress <= points[0][0]:
+            return float(points[0][1])
+        for (x0, y0), (x1, y1) in zip(points, points[1:]):
+            if progress <= x1:
+                return float(y0 + (y1 - y0) * (progress - x0) / (x1 - x0))
+        return float(points[-1][1])
+
+    def on_policy_range(self) -> tuple[float, float]:
+        """The smallest and largest lambda the run can use."""
+        if self.on_policy_schedule is None:
+            return self.on_policy_fraction, self.on_policy_fraction
+        values = [fraction for _, fraction in self.on_policy_schedule]
+        return min(values), max(values)
+
     on_policy_fraction: float = Field(
         1.0,
         ge=0.0,
         le=1.0,
         description="GKD's lambda: each sample is written by the student with this probability "
         "(decided per sample), otherwise taken from `off_policy_source`.",
+    )
+    on_policy_schedule: list[tuple[float, float]] | None = Field(
+        None, description="A lambda schedule (GKD's lambda over the run): [progress, lambda] points, progress 0 = "
+        "the first step and 1 = the last, interpolated linearly and held beyond the ends, e.g. [[0, 0], [0.3, 0], "
+        "[0.6, 1]] = off-policy for the first 30 %, then a ramp to fully on-policy (the survey's off-policy warm-up "
+        "followed by on-policy distillation). Replaces on_policy_fraction when set; the realised lambda is logged as "
+        "rollout/on_policy_target.",
     )
     off_policy_source: Literal["dataset", "teacher"] = Field(
         "dataset", description="Who writes off-policy samples: the dataset's reference answers or teacher generations."
@@ -340,8 +381,9 @@ class RunConfig(_Section):
     @model_validator(mode="after")
     def _check_combinations(self) -> RunConfig:
         loss, rollout = self.loss, self.rollout
+        low, high = rollout.on_policy_range()
         needs_teacher = loss.objective not in ("nll", "gad") or rollout.sampler != "student" or (
-            rollout.on_policy_fraction < 1.0 and rollout.off_policy_source == "teacher"
+            low < 1.0 and rollout.off_policy_source == "teacher"
         )
         if loss.objective == "gad" and self.teacher.kind != "text":
             raise ValueError("loss.objective=gad learns from the teacher's text only; set teacher.kind=text")
@@ -373,8 +415,7 @@ class RunConfig(_Section):
         elif self.teacher.kind == "self":
             if self.teacher.model is not None:
                 raise ValueError("teacher.kind=self uses the student as its own teacher; leave teacher.model unset")
-            if rollout.sampler != "student" or (rollout.on_policy_fraction < 1.0
-                                                and rollout.off_policy_source == "teacher"):
+            if rollout.sampler != "student" or (low < 1.0 and rollout.off_policy_source == "teacher"):
                 raise ValueError("teacher.kind=self only scores student rollouts; use rollout.sampler=student and "
                                  "off_policy_source=dataset")
         elif needs_teacher and self.teacher.model is None and self.teacher.kind not in ("served", "cache"):
@@ -387,7 +428,7 @@ class RunConfig(_Section):
                                  "rollout.weight_sync_every so a resumed run sees the same sampler weights")
         if self.rollout.prefix_tokens_final is not None and self.rollout.prefix_tokens is None:
             raise ValueError("rollout.prefix_tokens_final needs rollout.prefix_tokens (the starting length)")
-        if loss.objective in ("sampled_token_pg", "minillm", "kdrl", "gad") and rollout.on_policy_fraction < 1.0:
+        if loss.objective in ("sampled_token_pg", "minillm", "kdrl", "gad") and low < 1.0:
             raise ValueError(
                 f"loss.objective={loss.objective} is a policy gradient on the student's own samples; "
                 "set rollout.on_policy_fraction=1"
@@ -409,7 +450,7 @@ class RunConfig(_Section):
             raise ValueError(f"rollout.sampler={rollout.sampler} samples full distributions; "
                              "leave rollout.top_p=1 and rollout.top_k=0")
         if rollout.adaptive_off_policy:
-            if rollout.on_policy_fraction != 0.0 or rollout.off_policy_source != "dataset":
+            if high != 0.0 or rollout.off_policy_source != "dataset":
                 raise ValueError("rollout.adaptive_off_policy decides per step between student, replay and dataset; "
                                  "set rollout.on_policy_fraction=0 and off_policy_source=dataset")
             if not self.data.eval or not self.train.eval_every:
@@ -430,7 +471,7 @@ class RunConfig(_Section):
                                               "data": {**self.data.model_dump(), "teacher_field": None}})
                 except ValidationError as exc:
                     raise ValueError(f"teachers.{name}: {format_validation_error(exc)}") from None
-        if self.loss.objective == "nll" and self.rollout.on_policy_fraction > 0.0:
+        if self.loss.objective == "nll" and high > 0.0:
             raise ValueError(
                 "loss.objective=nll trains on the behaviour policy's own tokens, which is a no-op on "
                 "student samples; set rollout.on_policy_fraction=0"

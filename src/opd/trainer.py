@@ -236,7 +236,7 @@ def train(config: RunConfig, *, resume: bool = False, log: Any = print) -> Train
                         if isinstance(t, LocalTeacher) and t.kind == "local"]
     vocab_size = shared_vocab_size(tokenizer, student, *scoring_teachers)
     gad = config.loss.objective == "gad"
-    need_answers = (config.rollout.on_policy_fraction < 1.0 and config.rollout.off_policy_source == "dataset") or (
+    need_answers = (config.rollout.on_policy_range()[0] < 1.0 and config.rollout.off_policy_source == "dataset") or (
         config.loss.objective == "kdrl") or (gad and teacher is None)
     verifier = resolve_verifier(config.loss.verifier) if config.loss.objective == "kdrl" else None
     # G-OPD/ExOPD's reward needs the initial student as a frozen reference policy.
@@ -434,6 +434,7 @@ def train(config: RunConfig, *, resume: bool = False, log: Any = print) -> Train
             policy.params.max_new_tokens = rollout_length(config.rollout, step, config.train.steps)
             micro_batches, rollout_metrics = [], []
             source = adaptive.choose(step, config.train.steps) if adaptive is not None else None
+            fraction = config.rollout.on_policy_fraction_at(step, config.train.steps)
             for _ in range(config.train.grad_accum):
                 prompts = stream.next(config.train.batch_size)
                 if cache is not None:
@@ -448,7 +449,8 @@ def train(config: RunConfig, *, resume: bool = False, log: Any = print) -> Train
                     # then casts each weight once per rollout instead of once per decoded token.
                     with accelerator.autocast():
                         batch, metrics = policy.rollout(unwrapped, prompts,
-                                                        None if source is None else float(source == "student"))
+                                                        fraction if source is None else float(source == "student"))
+                    metrics["rollout/on_policy_target"] = fraction
                     if source == "student":
                         adaptive.record(batch)
                 if adaptive is not None:
