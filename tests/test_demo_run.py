@@ -1,26 +1,43 @@
-"""The built-in demo runs end to end (tiny settings) and reports every model and method."""
+"""The built-in demo: a quick end-to-end run (both tasks, every method, equal steps and equal
+wall-clock), its --json schema, the plot, and verdicts computed from the numbers."""
 
 from __future__ import annotations
 
 import json
 
+import pytest
+
 from opd.cli import main
+from opd.demo.run import compare, targets_line, verdict
+
+SEED_KEYS = {"accuracy", "accuracy_sampled", "token_accuracy", "token_accuracy_sampled"}
+METHODS = ("teacher", "student_base", "off_policy", "on_policy", "mixed", "off_to_on", "on_policy_equal_time",
+           "mixed_equal_time", "off_to_on_equal_time")
 
 
-def test_demo_quick_runs_and_writes_json(tmp_path, capsys):
+def test_demo_quick_runs_and_writes_json_and_plot(tmp_path, capsys):
     out_json = tmp_path / "demo.json"
-    code = main(["demo", "--quick", "--steps", "3", "--seeds", "1", "--out", str(tmp_path / "runs"),
-                 "--json", str(out_json), "--threads", "1", "--jobs", "1"])
+    code = main(["demo", "--quick", "--steps", "2", "--out", str(tmp_path / "runs"), "--json", str(out_json),
+                 "--threads", "1", "--jobs", "1"])
     assert code == 0
-    results = json.loads(out_json.read_text())
-    for name in ("teacher", "student_base", "off_policy", "on_policy", "mixed", "on_policy_fkl"):
-        assert 0.0 <= results[name]["accuracy"] <= 1.0
-        assert 0.0 <= results[name]["accuracy_sampled"] <= 1.0
-        assert len(results[name]["accuracy_per_seed"]) == 1
-    assert results["teacher"]["accuracy"] > 0.9  # the shipped teacher solves the task
-    assert results["seconds"] > 0
+    doc = json.loads(out_json.read_text())
+    assert set(doc) == {"headline", "control", "seconds"} and doc["seconds"] > 0
+    for key in ("headline", "control"):
+        assert isinstance(doc[key]["task"], str)
+        assert set(doc[key]["methods"]) == set(METHODS)
+        for name in METHODS:
+            seeds = doc[key]["methods"][name]["seeds"]
+            assert len(seeds) == 1 and set(seeds[0]) == SEED_KEYS
+            assert all(0.0 <= v <= 1.0 for v in seeds[0].values())
+    assert doc["control"]["methods"]["teacher"]["seeds"][0]["accuracy"] > 0.9  # the shipped teacher solves it
+    assert doc["headline"]["methods"]["teacher"]["seeds"][0]["token_accuracy"] > 0.95
+    assert (tmp_path / "runs" / "demo.png").stat().st_size > 10_000
+    full = json.loads((tmp_path / "runs" / "results.json").read_text())
+    base = full["headline"]["per_seed"]["student_base"][0]
+    assert len(base["position_accuracy_sampled"]) == 48 and "degenerate_rate_sampled" in base
     printed = capsys.readouterr().out
-    assert "on_policy" in printed and "first error" in printed
+    assert "headline (sort48):" in printed and "control (running_sum13):" in printed
+    assert "targets met" in printed and "after the student's first error" in printed
 
 
 def test_demo_refuses_non_empty_out_dir(tmp_path, capsys):
@@ -29,3 +46,28 @@ def test_demo_refuses_non_empty_out_dir(tmp_path, capsys):
     assert main(["demo", "--out", str(tmp_path / "x")]) == 2
     assert "not empty" in capsys.readouterr().err
     assert (tmp_path / "x" / "f").read_text() == "keep me"
+
+
+def _row(token_sampled: float, exact: float, token: float, curve: list[float]) -> dict:
+    return {"accuracy": exact, "accuracy_sampled": exact, "token_accuracy": token,
+            "token_accuracy_sampled": token_sampled, "position_accuracy_sampled": curve}
+
+
+def test_verdict_is_computed_from_the_numbers():
+    rising = [0.9, 0.9, 0.9, 0.95, 0.95, 0.95]
+    flat = [0.9] * 6
+    results = {"key": "headline", "per_seed": {
+        "off_policy": [_row(0.80, 0.10, 0.90, flat), _row(0.82, 0.12, 0.91, flat)],
+        "on_policy": [_row(0.85, 0.20, 0.905, rising), _row(0.81, 0.15, 0.90, rising)],
+        "off_to_on": [_row(0.70, 0.05, 0.80, flat), _row(0.70, 0.05, 0.80, flat)],
+    }}
+    c = compare(results, "on_policy")
+    assert c["token_accuracy_sampled"] == pytest.approx(2.0)
+    assert c["token_accuracy_sampled_wins"] == 1 and c["accuracy"] == pytest.approx(6.5)
+    assert c["gap_first_third"] == pytest.approx(0.0) and c["gap_last_third"] == pytest.approx(5.0)
+    text = verdict(results)
+    assert text.startswith("headline (sort48): on_policy beat off_policy") and "1/2 seeds" in text
+    assert "off_to_on did NOT beat off_policy" in text
+    checks = targets_line(results)
+    assert "on_policy: 3/4 targets met" in checks and "MISSED: beats off-policy on sampled per-token accuracy" in checks
+    assert "off_to_on: 0/4 targets met" in checks

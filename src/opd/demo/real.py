@@ -54,9 +54,8 @@ CACHE_FORMAT = 1  # bump when the cached layout changes
 # evaluations (~2 min) fit in 15 minutes with room for a busy machine. 16 new tokens cover the
 # teacher's one-sentence answers (its held-out score is 70% at 16 tokens, 72% at 24).
 DEFAULTS: dict[str, Any] = {
-    "recipe": "on_policy_rkl",
     "stride": 2,
-    "steps": 150,
+    "steps": 60,
     "batch_size": 8,
     "max_new_tokens": 16,
     "lr": 5e-4,
@@ -355,72 +354,103 @@ def prune_student(teacher_dir: Path, out_dir: Path, stride: int, log: Any = prin
 # --------------------------------------------------------------------------------------------
 # the run
 
+METHODS: dict[str, dict[str, Any]] = {
+    # name: the shipped recipe and what the demo sets on top of it
+    "on_policy_rkl": {"recipe": "on_policy_rkl", "overrides": {}},
+    "off_to_on_policy": {"recipe": "off_to_on_policy", "overrides": {}},
+    "seqkd": {"recipe": "seqkd", "overrides": {"rollout.off_policy_source": "dataset"}},
+    "supervised_kd": {"recipe": "supervised_kd", "overrides": {}},
+}
+"""The compared recipes. SeqKD and supervised KD (and the schedule's off-policy phase) read the
+teacher-written answers from the training file, written once before training (the teacher's greedy
+answers, as SeqKD uses the teacher's mode, Kim & Rush arXiv 1606.07947), so none of them pays for
+teacher decoding inside its steps; that one-off cost is timed and reported separately."""
+ON_POLICY = ("on_policy_rkl", "off_to_on_policy")
+# Relative cost of a step of each method, against an on-policy step, measured on 2 cores (used only
+# to plan the run length): SeqKD has no rollout and no teacher, supervised KD no rollout.
+_STEP_COST = {"on_policy_rkl": 1.0, "off_to_on_policy": 0.75, "seqkd": 0.35, "supervised_kd": 0.55}
 
-def _config(teacher_dir: Path, student_dir: Path, out: Path, settings: dict[str, Any], threads: int) -> Any:
+
+def _config(method: str, teacher_dir: Path, student_dir: Path, train_file: Path, out: Path,
+            settings: dict[str, Any], threads: int, steps: int) -> Any:
     from opd.config import load_config
 
     overrides = {
         "model.student": str(student_dir),
         "teacher.model": str(teacher_dir),
-        "data.train": str(TRAIN_PROMPTS),
-        "data.eval": str(HELDOUT_PROMPTS),
+        "data.train": str(train_file),
         "data.max_prompt_tokens": 128,
         "rollout.max_new_tokens": settings["max_new_tokens"],
         "optim.lr": settings["lr"],
-        "optim.warmup_steps": settings["warmup_steps"],
+        "optim.warmup_steps": min(settings["warmup_steps"], max(1, steps // 10)),
+        "optim.schedule": "cosine",
+        "optim.min_lr_ratio": 0.1,
         "train.output_dir": str(out),
-        "train.steps": settings["steps"],
+        "train.steps": steps,
         "train.batch_size": settings["batch_size"],
         "train.seed": settings["seed"],
         "train.threads": threads,
         "train.log_every": 1,
         "train.tensorboard": False,
-        "train.progress": True,
-        "eval.scorer": "opd.demo.real:score",
-        "eval.batch_size": 64,
+        "train.progress": False,
         "temperature": settings["temperature"],
+        **METHODS[method]["overrides"],
     }
     # The shipped recipe with these on top (strings JSON-quoted, which YAML reads back verbatim).
-    return load_config(settings["recipe"], [f"{k}={json.dumps(v)}" for k, v in overrides.items()])
+    return load_config(METHODS[method]["recipe"], [f"{k}={json.dumps(v)}" for k, v in overrides.items()])
 
 
-def _evaluate(model: torch.nn.Module, tokenizer: Any, examples: list[Any], config: Any,
-              teacher: Any | None) -> dict[str, Any]:
-    """Exactly the trainer's end-of-run evaluation (same sampling params, RNG seed and scorer)."""
-    from opd.eval import evaluate, resolve_first_error, resolve_scorer
+def _params(settings: dict[str, Any], vocab_size: int, greedy: bool = False) -> Any:
     from opd.rollout import SamplingParams
 
-    params = SamplingParams(max_new_tokens=config.eval.max_new_tokens or config.rollout.max_new_tokens,
-                            temperature=config.temperature, top_p=config.rollout.top_p, top_k=config.rollout.top_k,
-                            vocab_size=len(tokenizer))
+    return SamplingParams(max_new_tokens=settings["max_new_tokens"], temperature=settings["temperature"],
+                          greedy=greedy, vocab_size=vocab_size)
+
+
+def _evaluate(model: torch.nn.Module, tokenizer: Any, examples: list[Any], settings: dict[str, Any],
+              teacher: Any | None, teacher_answers: list[list[int]]) -> dict[str, Any]:
+    """Task score (greedy and temperature 1), answer length and degenerate-answer rate, and the
+    divergence from the teacher twice: reverse KL on the model's own temperature-1 samples (what
+    on-policy distillation minimises) and forward KL on the teacher's own answers (what SeqKD and
+    supervised KD minimise)."""
+    from opd.eval import completion_divergence, evaluate
+
+    vocab = len(tokenizer)
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(config.train.seed + 7919)
-        return evaluate(model, tokenizer, examples, params, scorer=resolve_scorer(config.eval.scorer),
-                        first_error=resolve_first_error(config.eval.first_error), teacher=teacher,
-                        vocab_size=len(tokenizer), batch_size=config.eval.batch_size, sampled=config.eval.sampled)
-
-
-def _summary(results: dict[str, Any]) -> dict[str, float | None]:
-    return {"score_greedy": results.get("eval/accuracy"), "score_sampled": results.get("eval/accuracy_sampled"),
-            "teacher_rkl": results.get("eval/teacher_divergence")}
+        torch.manual_seed(settings["seed"] + 7919)
+        results = evaluate(model, tokenizer, examples, _params(settings, vocab), scorer=score, teacher=teacher,
+                           vocab_size=vocab, batch_size=64)
+    row: dict[str, Any] = {
+        "score_greedy": results["eval/accuracy"], "score_sampled": results["eval/accuracy_sampled"],
+        "rkl_own_samples": results.get("eval/teacher_divergence", 0.0 if teacher is None else None),
+        "fkl_teacher_answers": 0.0,
+        "length_greedy": results["eval/mean_length"], "length_sampled": results["eval/mean_length_sampled"],
+        "degenerate_greedy": results["eval/degenerate_rate"],
+        "degenerate_sampled": results["eval/degenerate_rate_sampled"],
+    }
+    if teacher is not None:
+        total, tokens = completion_divergence(model, teacher, tokenizer, examples, teacher_answers,
+                                              kind="forward_kl", temperature=settings["temperature"],
+                                              vocab_size=vocab, batch_size=64)
+        row["fkl_teacher_answers"] = total / max(tokens, 1.0)
+    return row
 
 
 @torch.no_grad()
 def _calibrate_step(student: torch.nn.Module, teacher: Any, tokenizer: Any, examples: list[Any],
                     settings: dict[str, Any]) -> float:
-    """Seconds of one training step's work (rollout, teacher scoring, student forward and backward)
-    measured outside the trainer, so a slow machine can shorten the run to the budget."""
+    """Seconds of one on-policy training step's work (rollout, teacher scoring, student forward and
+    backward) measured outside the trainer, so a slow machine can shorten the run to the budget."""
     from opd import divergences
+    from opd.eval import generate
     from opd.models import completion_logits
-    from opd.rollout import SamplingParams, build_batch, hf_generate
+    from opd.rollout import build_batch
 
     batch_examples = examples[: settings["batch_size"]]
-    params = SamplingParams(max_new_tokens=settings["max_new_tokens"], temperature=settings["temperature"],
-                            vocab_size=len(tokenizer))
     started = time.perf_counter()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(12345)
-        outs = hf_generate(student, [e.prompt_ids for e in batch_examples], params, tokenizer)
+        outs = generate(student, tokenizer, batch_examples, _params(settings, len(tokenizer)))
     # Full-length completions: the worst case of the step.
     outs = [(o + [tokenizer.eos_token_id] * settings["max_new_tokens"])[: settings["max_new_tokens"]] for o in outs]
     batch = build_batch([e.prompt_ids for e in batch_examples], outs, tokenizer.pad_token_id)
@@ -433,6 +463,13 @@ def _calibrate_step(student: torch.nn.Module, teacher: Any, tokenizer: Any, exam
     return (time.perf_counter() - started) * 1.15
 
 
+def _teacher_answers(teacher: torch.nn.Module, tokenizer: Any, examples: list[Any],
+                     settings: dict[str, Any]) -> list[list[int]]:
+    from opd.eval import generate
+
+    return generate(teacher, tokenizer, examples, _params(settings, len(tokenizer), greedy=True), batch_size=64)
+
+
 def run_real_demo(
     out_dir: Path | str = Path("runs/real-demo"),
     *,
@@ -443,14 +480,15 @@ def run_real_demo(
     batch_size: int | None = None,
     lr: float | None = None,
     max_new_tokens: int | None = None,
-    recipe: str | None = None,
+    methods: tuple[str, ...] | None = None,
     seed: int | None = None,
     cache_dir: Path | str | None = None,
     json_path: Path | str | None = None,
     log: Any = print,
 ) -> dict[str, Any]:
-    """Distil SmolLM2-135M-Instruct into a depth-pruned copy with :func:`opd.trainer.train`; print and
-    return the before / after table (also written to ``OUT/results.json`` and ``json_path``).
+    """Distil SmolLM2-135M-Instruct into a depth-pruned copy with every method of :data:`METHODS` through
+    :func:`opd.trainer.train`, at equal steps and, for the on-policy methods, at the wall-clock time
+    SeqKD took; print and return the table (also written to ``OUT/results.json`` and ``json_path``).
 
     ``steps`` etc. default to :data:`DEFAULTS`. When a timed trial step predicts that the run would
     overrun ``minutes_budget``, the step count is lowered to fit (and the change is printed), so the
@@ -471,9 +509,13 @@ def run_real_demo(
     torch.set_num_threads(threads)
     settings = dict(DEFAULTS)
     for key, value in (("steps", steps), ("stride", stride), ("batch_size", batch_size), ("lr", lr),
-                       ("max_new_tokens", max_new_tokens), ("recipe", recipe), ("seed", seed)):
+                       ("max_new_tokens", max_new_tokens), ("seed", seed)):
         if value is not None:
             settings[key] = value
+    methods = tuple(methods or METHODS)
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise OpdError(f"unknown method(s) {unknown}; choose from {list(METHODS)}")
     if settings["stride"] < 2 or settings["steps"] < 1:
         raise OpdError("--stride must be >= 2 and --steps >= 1")
     out = Path(out_dir)
@@ -490,8 +532,8 @@ def run_real_demo(
             timings[name] = time.perf_counter() - t0
         return timer()
 
-    log(f"opd demo --real: {TEACHER_NAME} -> every-{settings['stride']}-th-layer student, recipe "
-        f"{settings['recipe']}, {threads} thread(s), budget {minutes_budget:g} min")
+    log(f"opd demo --real: {TEACHER_NAME} -> every-{settings['stride']}-th-layer student; {', '.join(methods)}; "
+        f"{threads} thread(s), budget {minutes_budget:g} min")
     with phase("prepare_teacher"):
         teacher_dir = prepare_teacher(Path(cache_dir) if cache_dir else None, log)
     with phase("prune"):
@@ -502,53 +544,83 @@ def run_real_demo(
     heldout, _ = load_examples(str(HELDOUT_PROMPTS), data_cfg, tokenizer)
     train_examples, _ = load_examples(str(TRAIN_PROMPTS), data_cfg, tokenizer)
     teacher = LocalTeacher(load_causal_lm(str(teacher_dir)), load_tokenizer(str(teacher_dir)))
-    student = load_causal_lm(str(student_dir))
-    config = _config(teacher_dir, student_dir, out / "run", settings, threads)
     log(f"prompts: {len(train_examples)} train, {len(heldout)} held-out ({TRAIN_PROMPTS.name})")
 
-    results: dict[str, Any] = {}
+    # Teacher-written answers, once: the training text of SeqKD / supervised KD (and the schedule's
+    # off-policy phase), and the held-out answers the forward KL is measured on.
+    with phase("teacher_answers"):
+        train_answers = _teacher_answers(teacher.model, tokenizer, train_examples, settings)
+        heldout_answers = _teacher_answers(teacher.model, tokenizer, heldout, settings)
+    train_file = out / "teacher_answers.jsonl"
+    rows = [json.loads(line) for line in TRAIN_PROMPTS.read_text().splitlines() if line.strip()]
+    with train_file.open("w") as handle:
+        for row, ids in zip(rows, train_answers):
+            text = tokenizer.decode(ids, skip_special_tokens=True).strip()
+            handle.write(json.dumps({"messages": row["messages"], "answer": text, "reference": row["answer"]}) + "\n")
+    log(f"teacher wrote {len(train_answers) + len(heldout_answers)} greedy answers in "
+        f"{timings['teacher_answers']:.0f}s ({train_file.name})")
+
+    results: dict[str, Any] = {"models": {}}
     with phase("eval_teacher"):
-        results["teacher"] = _summary(_evaluate(teacher.model, tokenizer, heldout, config, None))
-    results["teacher"]["teacher_rkl"] = 0.0
-    log(_row_line("teacher", results["teacher"], timings["eval_teacher"]))
+        results["models"]["teacher"] = _evaluate(teacher.model, tokenizer, heldout, settings, None, heldout_answers)
+    log(_row_line("teacher", results["models"]["teacher"], timings["eval_teacher"]))
+    student = load_causal_lm(str(student_dir))
     with phase("eval_before"):
-        results["student_before"] = _summary(_evaluate(student, tokenizer, heldout, config, teacher))
-    log(_row_line("student before", results["student_before"], timings["eval_before"]))
+        results["models"]["student_before"] = _evaluate(student, tokenizer, heldout, settings, teacher, heldout_answers)
+    log(_row_line("pruned student, before", results["models"]["student_before"], timings["eval_before"]))
 
     with phase("calibrate"):
         step_s = _calibrate_step(student, teacher, tokenizer, train_examples, settings)
-    elapsed = time.perf_counter() - started
-    # final evaluation ~ the "before" one; saving and loading ~ 10 s
-    spare = minutes_budget * 60 - elapsed - timings["eval_before"] - 15
-    affordable = max(1, int(spare / step_s))
+    del student
+    # Plan: every method at `steps`, the on-policy ones again at SeqKD's time, and one evaluation per run.
+    eval_s = timings["eval_before"]
+    per_step = step_s * (sum(_STEP_COST[m] for m in methods) + _STEP_COST["seqkd"] * len(ON_POLICY))
+    runs = len(methods) + sum(m in ON_POLICY for m in methods) * ("seqkd" in methods)
+    spare = minutes_budget * 60 - (time.perf_counter() - started) - runs * (eval_s + 5)
     planned = settings["steps"]
+    affordable = max(1, int(spare / per_step))
     if affordable < planned:
-        settings["steps"] = max(1, affordable)
-        config = _config(teacher_dir, student_dir, out / "run", settings, threads)
-        log(f"a trial step took {step_s:.1f}s: lowering steps from {planned} to {settings['steps']} "
-            f"to stay within {minutes_budget:g} minutes")
+        settings["steps"] = affordable
+        log(f"a trial on-policy step took {step_s:.1f}s: lowering steps from {planned} to {affordable} to stay "
+            f"within {minutes_budget:g} minutes")
     else:
-        log(f"a trial step took {step_s:.1f}s; {planned} steps fit the budget (~{planned * step_s / 60:.1f} min)")
-    del student, teacher
+        log(f"a trial on-policy step took {step_s:.1f}s; {planned} steps per method fit the budget "
+            f"(~{planned * per_step / 60:.1f} min of training)")
 
-    log(f"distilling: {settings['steps']} steps x {settings['batch_size']} prompts, max {settings['max_new_tokens']} "
-        f"new tokens, lr {settings['lr']:g}")
-    with phase("train"):
-        result = train(config, log=log)
-    results["student_after"] = _summary(result.final_eval)
-    log(_row_line("student after", results["student_after"], None))
+    seconds: dict[str, float] = {}
+    steps_used: dict[str, int] = {}
+
+    def run(name: str, method: str, n_steps: int) -> None:
+        with phase(f"train_{name}"):
+            config = _config(method, teacher_dir, student_dir, train_file, out / name, settings, threads, n_steps)
+            result = train(config, log=lambda *_: None)
+        seconds[name] = timings[f"train_{name}"]
+        steps_used[name] = n_steps
+        with phase(f"eval_{name}"):
+            model = load_causal_lm(str(result.final_dir))
+            results["models"][name] = _evaluate(model, tokenizer, heldout, settings, teacher, heldout_answers)
+        results["models"][name]["perf"] = _perf_summary(Path(result.run_dir) / "metrics.jsonl")
+        log(_row_line(f"{name} ({n_steps} steps, {seconds[name]:.0f}s)", results["models"][name], None))
+
+    for method in methods:
+        run(method, method, settings["steps"])
+    if "seqkd" in methods:
+        # Equal wall-clock: each on-policy method gets the time SeqKD took for its steps.
+        for method in (m for m in ON_POLICY if m in methods):
+            ratio = seconds["seqkd"] / seconds[method]
+            run(f"{method}_equal_time", method, max(1, round(settings["steps"] * ratio)))
 
     results["seconds"] = time.perf_counter() - started
+    results["train_seconds"] = seconds
+    results["steps"] = steps_used
     results["timings"] = timings
     results["settings"] = {**settings, "threads": threads, "kept_layers": kept,
-                           "teacher_layers": _num_layers(teacher_dir)}
-    results["counters"] = result.counters
-    results["run_dir"] = str(result.run_dir)
-    results["final_dir"] = str(result.final_dir)
-    results["perf"] = _perf_summary(Path(result.run_dir) / "metrics.jsonl")
+                           "teacher_layers": _num_layers(teacher_dir), "methods": list(methods)}
+    results["verdict"] = real_verdict(results)
     log("")
     log(_table(results))
-    log(f"total {results['seconds'] / 60:.1f} min; run in {result.run_dir}")
+    log(results["verdict"])
+    log(f"total {results['seconds'] / 60:.1f} min; runs in {out}")
     text = json.dumps(results, indent=2)
     (out / "results.json").write_text(text)
     if json_path is not None:
@@ -565,10 +637,8 @@ def _perf_summary(metrics_path: Path) -> dict[str, float]:
     rows = [r for r in rows if "perf/step_s" in r]
     if not rows:
         return {}
-    out = {k.split("/")[1] + "_total": sum(r[k] for r in rows)
+    out = {k.split("/")[1] + "_total": sum(r.get(k, 0.0) for r in rows)
            for k in ("perf/step_s", "perf/rollout_s", "perf/teacher_s", "perf/student_s")}
-    out["completion_tokens"] = sum(r.get("train/completion_tokens", 0.0) for r in rows)
-    out["tokens_per_s"] = out["completion_tokens"] / max(out["step_s_total"], 1e-9)
     out["first_loss"] = rows[0].get("loss/total")
     out["last_loss"] = rows[-1].get("loss/total")
     return out
@@ -579,26 +649,60 @@ def _fmt(value: float | None, scale: float = 1.0, spec: str = ".1f") -> str:
 
 
 def _row_line(name: str, row: dict[str, Any], seconds: float | None) -> str:
-    spent = f" ({seconds:.0f}s)" if seconds is not None else ""
-    return (f"{name}: score greedy {_fmt(row['score_greedy'], 100)}%, sampled {_fmt(row['score_sampled'], 100)}%, "
-            f"teacher RKL {_fmt(row['teacher_rkl'], 1, '.3f')}{spent}")
+    spent = f" (eval {seconds:.0f}s)" if seconds is not None else ""
+    return (f"{name}: score {_fmt(row['score_greedy'], 100)}% greedy / {_fmt(row['score_sampled'], 100)}% sampled, "
+            f"RKL on own samples {_fmt(row['rkl_own_samples'], 1, '.3f')}, FKL on teacher answers "
+            f"{_fmt(row['fkl_teacher_answers'], 1, '.3f')}, length {row['length_greedy']:.1f}/{row['length_sampled']:.1f}"
+            f" words, degenerate {_fmt(row['degenerate_greedy'], 100, '.0f')}%/"
+            f"{_fmt(row['degenerate_sampled'], 100, '.0f')}%{spent}")
 
 
 def _table(results: dict[str, Any]) -> str:
     s = results["settings"]
-    header = f"{'model':<26}{'layers':>8}{'score greedy %':>16}{'score sampled %':>17}{'RKL(student||teacher)':>23}"
+    header = (f"{'model':<28}{'steps':>6}{'train s':>8}{'score greedy %':>15}{'score T=1 %':>12}"
+              f"{'RKL own':>9}{'FKL teacher':>12}{'words g/T=1':>13}{'degen % g/T=1':>15}")
     lines = [header, "-" * len(header)]
-    layers = {"teacher": s["teacher_layers"], "student_before": len(s["kept_layers"]),
-              "student_after": len(s["kept_layers"])}
-    names = {"teacher": "teacher", "student_before": "pruned student, before",
-             "student_after": f"after {s['steps']} steps"}
-    for key in ("teacher", "student_before", "student_after"):
-        row = results[key]
-        lines.append(f"{names[key]:<26}{layers[key]:>8}{_fmt(row['score_greedy'], 100):>16}"
-                     f"{_fmt(row['score_sampled'], 100):>17}{_fmt(row['teacher_rkl'], 1, '.3f'):>23}")
-    lines.append("(held-out prompts; score = opd.demo.real:score, greedy and temperature-1 samples; RKL = mean "
-                 "per-token KL(student || teacher) on the student's temperature-1 samples, nats)")
+    for name, row in results["models"].items():
+        steps = results["steps"].get(name)
+        spent = results["train_seconds"].get(name)
+        label = {"teacher": f"teacher ({s['teacher_layers']} layers)",
+                 "student_before": f"pruned student ({len(s['kept_layers'])} layers)"}.get(name, name)
+        lines.append(f"{label:<28}{'-' if steps is None else steps:>6}{_fmt(spent, 1, '.0f'):>8}"
+                     f"{_fmt(row['score_greedy'], 100):>15}{_fmt(row['score_sampled'], 100):>12}"
+                     f"{_fmt(row['rkl_own_samples'], 1, '.3f'):>9}{_fmt(row['fkl_teacher_answers'], 1, '.3f'):>12}"
+                     f"{row['length_greedy']:>6.1f}/{row['length_sampled']:<6.1f}"
+                     f"{_fmt(row['degenerate_greedy'], 100, '.0f'):>8}/{_fmt(row['degenerate_sampled'], 100, '.0f'):<6}")
+    lines.append("(held-out prompts; score = opd.demo.real:score on greedy and temperature-1 answers; RKL own = mean "
+                 "per-token KL(student || teacher) on the student's temperature-1 samples; FKL teacher = mean per-token "
+                 "KL(teacher || student) on the teacher's greedy answers; words = mean answer length; degen = answers "
+                 "with a word 2-gram 3+ times, a word of one repeated piece, or empty)")
     return "\n".join(lines)
+
+
+def real_verdict(results: dict[str, Any]) -> str:
+    """Issue 17's real-model targets, checked for each on-policy recipe against SeqKD at equal steps."""
+    models = results["models"]
+    if "seqkd" not in models:
+        return "(no SeqKD run: nothing to compare against)"
+    ref = models["seqkd"]
+    parts = []
+    for name in (m for m in ON_POLICY if m in models):
+        row = models[name]
+        checks = [
+            (f"task score >= SeqKD's (greedy {100 * row['score_greedy']:.1f} vs {100 * ref['score_greedy']:.1f}, "
+             f"sampled {100 * row['score_sampled']:.1f} vs {100 * ref['score_sampled']:.1f})",
+             row["score_greedy"] >= ref["score_greedy"] and row["score_sampled"] >= ref["score_sampled"]),
+            (f"no more degenerate answers (greedy {100 * row['degenerate_greedy']:.0f}% vs "
+             f"{100 * ref['degenerate_greedy']:.0f}%, sampled {100 * row['degenerate_sampled']:.0f}% vs "
+             f"{100 * ref['degenerate_sampled']:.0f}%)",
+             row["degenerate_greedy"] <= ref["degenerate_greedy"] and row["degenerate_sampled"] <= ref["degenerate_sampled"]),
+            (f"lower divergence on its own samples ({row['rkl_own_samples']:.3f} vs {ref['rkl_own_samples']:.3f})",
+             row["rkl_own_samples"] < ref["rkl_own_samples"]),
+        ]
+        met = sum(ok for _, ok in checks)
+        parts.append(f"{name} vs seqkd at equal steps: {met}/3 targets met -- "
+                     + "; ".join(f"{'ok' if ok else 'MISSED'}: {text}" for text, ok in checks))
+    return "\n".join(parts)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -611,7 +715,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int)
     parser.add_argument("--lr", type=float)
     parser.add_argument("--max-new-tokens", type=int)
-    parser.add_argument("--recipe", help="a shipped recipe (default on_policy_rkl)")
+    parser.add_argument("--methods", nargs="+", choices=tuple(METHODS), help="a subset of the compared recipes")
     parser.add_argument("--seed", type=int)
     parser.add_argument("--cache-dir", type=Path, help="where the float32 teacher is cached")
     parser.add_argument("--json", type=Path, help="also write the results here")
@@ -623,8 +727,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     out = args.out or Path("runs") / time.strftime("real-demo-%Y%m%d-%H%M%S")
     run_real_demo(out, minutes_budget=args.minutes, threads=args.threads, steps=args.steps, stride=args.stride,
-                  batch_size=args.batch_size, lr=args.lr, max_new_tokens=args.max_new_tokens, recipe=args.recipe,
-                  seed=args.seed, cache_dir=args.cache_dir, json_path=args.json)
+                  batch_size=args.batch_size, lr=args.lr, max_new_tokens=args.max_new_tokens,
+                  methods=tuple(args.methods) if args.methods else None, seed=args.seed, cache_dir=args.cache_dir,
+                  json_path=args.json)
     return 0
 
 

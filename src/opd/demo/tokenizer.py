@@ -12,7 +12,7 @@ VOCAB: dict[str, int] = {tok: i for i, tok in enumerate(SPECIAL_TOKENS + SYMBOLS
 """``<pad>``=0, ``<s>``=1, ``</s>``=2, ``<unk>``=3, digits 0-9 = 4..13, ``+``=14, ``-``=15, ``=``=16."""
 
 
-def build_tokenizer() -> PreTrainedTokenizerFast:
+def build_tokenizer(model_max_length: int = 64) -> PreTrainedTokenizerFast:
     """Build the demo tokenizer.
 
     * whitespace pre-tokenisation, then a word-level lookup in :data:`VOCAB`;
@@ -20,6 +20,9 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
       ``</s>`` is *not* appended (completions append it explicitly);
     * decoding joins tokens with single spaces, so
       ``decode(ids, skip_special_tokens=True)`` gives e.g. ``"+ 3 4 8"``.
+
+    ``model_max_length`` only sets the length ``transformers`` warns about (the sorting task's
+    sequences are 99 tokens long, the running-sum task's 28).
     """
     core = Tokenizer(models.WordLevel(vocab=dict(VOCAB), unk_token=UNK))
     core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
@@ -38,5 +41,5 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
         unk_token=UNK,
         clean_up_tokenization_spaces=False,
         padding_side="right",
-        model_max_length=64,
+        model_max_length=model_max_length,
     )
