@@ -329,6 +329,11 @@ class _ChunkedDivergence(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: torch.autograd.function.FunctionCtx, grad_values_N: torch.Tensor):  # type: ignore[override]
+        # Checked before anything else: once the buffer was consumed ctx.grad_NV is None, which
+        # must not pass for "no gradient needed" (that silently returned no gradient).
+        if ctx.consumed:
+            raise RuntimeError("per_token(..., inplace_backward=True) supports one backward pass; "
+                               "pass inplace_backward=False to backpropagate through it twice")
         grad_NV = ctx.grad_NV
         none = (None,) * 10
         if grad_NV is None:
@@ -336,9 +341,6 @@ class _ChunkedDivergence(torch.autograd.Function):
         scale = grad_values_N.to(grad_NV.dtype).unsqueeze(-1)
         if not ctx.inplace_backward:
             return (grad_NV * scale,) + none
-        if ctx.consumed:
-            raise RuntimeError("per_token(..., inplace_backward=True) supports one backward pass; "
-                               "pass inplace_backward=False to backpropagate through it twice")
         # The buffer belongs to this node alone, so scaling it in place saves a [N, V] copy.
         ctx.consumed = True
         ctx.grad_NV = None
@@ -591,6 +593,70 @@ def _with_tail(logprobs_NK: torch.Tensor) -> torch.Tensor:
     return torch.cat([logprobs_NK, _log1mexp(covered_N)[:, None]], dim=-1)
 
 
+_TAIL_LOG_FLOOR = math.log(1e-20)
+
+
+class _TailLogprob(torch.autograd.Function):
+    """``log`` of the ``softmax(z / T)`` mass outside ``ids_NK`` per row, from the full logits.
+
+    ``log(1 - sum_k q_k)`` cancels in fp32 once the tail is below ~1e-7 (the k log-probs sum to
+    ``-0.0``), which both misstates the divergence and zeroes the gradient that should push mass
+    back into the tail; a log-sum-exp over the other columns keeps full relative precision.
+    Floored at log(1e-20) like the teacher's tail, with no gradient where the floor binds.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx,
+        logits_NV: torch.Tensor,
+        ids_NK: torch.Tensor,
+        temperature: float,
+        vocab_size: int,
+        chunk_size: int,
+    ) -> torch.Tensor:
+        work = torch.promote_types(logits_NV.dtype, torch.float32)
+        lse_N = torch.empty(logits_NV.shape[0], dtype=work, device=logits_NV.device)
+        tail_lse_N = torch.empty_like(lse_N)
+        for start in range(0, logits_NV.shape[0], chunk_size):
+            rows = slice(start, start + chunk_size)
+            scaled = logits_NV[rows, :vocab_size].to(work) / temperature
+            lse_N[rows] = torch.logsumexp(scaled, dim=-1)
+            tail_lse_N[rows] = torch.logsumexp(scaled.scatter_(-1, ids_NK[rows], -math.inf), dim=-1)
+        out_N = tail_lse_N - lse_N
+        floored_N = ~(out_N > _TAIL_LOG_FLOOR)  # also catches an empty tail (-inf)
+        ctx.save_for_backward(logits_NV, ids_NK, lse_N, torch.where(floored_N, lse_N, tail_lse_N), floored_N)
+        ctx.temperature, ctx.vocab_size, ctx.chunk_size = temperature, vocab_size, chunk_size
+        return out_N.masked_fill(floored_N, _TAIL_LOG_FLOOR)
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad_N: torch.Tensor):  # type: ignore[override]
+        logits_NV, ids_NK, lse_N, tail_lse_N, floored_N = ctx.saved_tensors
+        temperature, vocab_size = ctx.temperature, ctx.vocab_size
+        grad_NV = torch.zeros_like(logits_NV)
+        g_N = grad_N.to(lse_N.dtype).masked_fill(floored_N, 0.0)
+        for start in range(0, logits_NV.shape[0], ctx.chunk_size):
+            rows = slice(start, start + ctx.chunk_size)
+            scaled = logits_NV[rows, :vocab_size].to(lse_N.dtype) / temperature
+            # d log tail / dz = (1[v outside] softmax_tail(z / T) - softmax(z / T)) / T
+            inside = (scaled - tail_lse_N[rows, None]).exp_().scatter_(-1, ids_NK[rows], 0.0)
+            inside.sub_((scaled - lse_N[rows, None]).exp_()).mul_(g_N[rows, None] / temperature)
+            grad_NV[rows, :vocab_size] = inside.to(grad_NV.dtype)
+        return grad_NV, None, None, None, None
+
+
+def tail_logprob(
+    logits: torch.Tensor, ids: torch.Tensor, *, temperature: float = 1.0, vocab_size: int | None = None,
+    chunk_size: int | None = None,
+) -> torch.Tensor:
+    """``log(1 - sum_k softmax(logits / T)[ids_k])`` per row (``[..., V]`` logits, ``[..., K]`` ids),
+    computed from the columns outside ``ids`` so that a tiny tail keeps its precision."""
+    vocab = vocab_size or logits.shape[-1]
+    chunk = chunk_size or auto_chunk_size(vocab)
+    flat_NV = logits.reshape(-1, logits.shape[-1])
+    flat_NK = ids.reshape(-1, ids.shape[-1])
+    return _TailLogprob.apply(flat_NV, flat_NK, float(temperature), int(vocab), int(chunk)).reshape(ids.shape[:-1])
+
+
 def topk_per_token(
     kind: str,
     student_logits: torch.Tensor,
@@ -615,6 +681,8 @@ def topk_per_token(
       buckets. By the data-processing inequality this is a lower bound of the full-vocab
       divergence, equal to it once the buckets carry no mass, and it still pushes the
       student's mass off tokens the teacher considers unlikely (through the tail bucket).
+      The student's bucket is a log-sum-exp over its other logits (:func:`tail_logprob`), exact
+      however small; the teacher's is ``log(1 - sum_k p)`` of what it exposed, floored at 1e-20.
     - ``renormalize``: both distributions are renormalised on the k tokens and compared
       there; mass outside gets no gradient. With ``reverse_kl`` this is the Local Support
       Matching loss of arXiv 2603.25562 (Eqs. 6-8, k = 32 there, with top-p 0.9 rollouts).
@@ -653,7 +721,10 @@ def topk_per_token(
         per_row = (target_RK.exp() * (target_RK - student_RK)).sum(-1)
     else:
         if support == "tail":
-            student_RK, teacher_RK = _with_tail(student_RK), _with_tail(teacher_RK)
+            student_tail_R = tail_logprob(student_NV[rows_R], ids_NK[rows_R], temperature=temperature,
+                                          vocab_size=vocab_size, chunk_size=chunk_size)
+            student_RK = torch.cat([student_RK, student_tail_R[:, None]], dim=-1)
+            teacher_RK = _with_tail(teacher_RK)
         per_row = per_token(kind, student_RK, teacher_RK, beta=beta, alpha=alpha, inplace_backward=False)
     return values_N.index_put((rows_R,), per_row).reshape(lead)
 
