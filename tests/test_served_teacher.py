@@ -15,7 +15,8 @@ import torch
 
 from conftest import assert_served_matches_local, base_overrides
 from opd import objectives
-from opd.cache import TeacherCache, build_teacher_cache
+from opd.cache import TeacherCache
+from opd.cache_teacher import build_teacher_cache
 from opd.cli import main
 from opd.config import TeacherConfig, load_config
 from opd.fault_proxy import FaultProxy
@@ -45,7 +46,7 @@ def _batch(tokenizer):
 def test_served_scores_equal_the_local_teacher(server, tiny_setup, tokenizer):
     batch = _batch(tokenizer)
     served = ServedTeacher(TeacherConfig(kind="served", url=server, top_k=5, request_batch=2), tokenizer)
-    signal = served.score_signal(batch)
+    signal = served.score(batch)
     local_lp, top_lp, top_ids = assert_served_matches_local(signal, tiny_setup / "teacher", batch, tokenizer,
                                                             k=5, atol=1e-5)
     vocab = len(tokenizer)
@@ -74,14 +75,14 @@ def test_training_with_a_served_teacher(server, tiny_setup, tmp_path, recipe, ex
 
 def test_faults_are_retried_and_nothing_is_mis_scored(server, tokenizer):
     batch = _batch(tokenizer)
-    clean = ServedTeacher(TeacherConfig(kind="served", url=server, top_k=3), tokenizer).score_signal(batch)
+    clean = ServedTeacher(TeacherConfig(kind="served", url=server, top_k=3), tokenizer).score(batch)
     schedule = ["timeout", "http500", "drop", "truncate", "invalid_json", "http503", "slow", "ok"]
     proxy = FaultProxy(server, schedule=schedule, hold_s=1.0, slow_s=0.2).start()
     try:
         cfg = TeacherConfig(kind="served", url=proxy.url, top_k=3, timeout_s=0.6, backoff_s=0.01, max_retries=8,
                             request_batch=3, concurrency=1)
         served = ServedTeacher(cfg, tokenizer)
-        got = served.score_signal(batch)
+        got = served.score(batch)
     finally:
         proxy.stop()
     assert torch.equal(got.token_logprobs_BC, clean.token_logprobs_BC)
@@ -127,7 +128,7 @@ def test_api_key_from_the_environment_is_required_and_never_written(tiny_setup, 
         monkeypatch.delenv("OPD_TEACHER_API_KEY", raising=False)
         without = ServedTeacher(TeacherConfig(kind="served", url=url, backoff_s=0.01), tokenizer)
         with pytest.raises(TeacherServerError, match="HTTP 401"):
-            without.score_signal(_batch(tokenizer))
+            without.score(_batch(tokenizer))
         assert without.pop_stats()["teacher/retries"] == 0  # an auth error is not retried
         monkeypatch.setenv("OPD_TEACHER_API_KEY", "s3cret-key")
         out = tmp_path / "run"
@@ -284,7 +285,7 @@ def test_teacher_scores_chat_prompts_with_its_own_template(tiny_setup, tmp_path,
     batch = build_batch([e.prompt_ids for e in examples], [[14, 5, 2], [15, 7, 8, 2]], tokenizer.pad_token_id)
     batch.examples = examples
     local = LocalTeacher.from_config(TeacherConfig(model=str(teacher_dir)), student_tok)
-    got = local.score(batch)
+    got = local.score(batch).logits_BCV
     own = [teacher_tok(teacher_tok.apply_chat_template(m, tokenize=False, add_generation_prompt=True),
                        add_special_tokens=False).input_ids for m in messages]
     manual = build_batch(own, [[14, 5, 2], [15, 7, 8, 2]], tokenizer.pad_token_id)
@@ -300,7 +301,7 @@ def test_teacher_scores_chat_prompts_with_its_own_template(tiny_setup, tmp_path,
     try:
         url = f"http://127.0.0.1:{srv.server_address[1]}"
         served = ServedTeacher(TeacherConfig(kind="served", url=url, tokenizer=str(teacher_dir)), student_tok)
-        signal = served.score_signal(batch)
+        signal = served.score(batch)
     finally:
         srv.shutdown()
         srv.server_close()

@@ -260,7 +260,7 @@ class TestServedTeacher:
         batch = build_batch(prompts, completions, tokenizer.pad_token_id)
         cfg = TeacherConfig(kind="served", url=server, served_model=str(models / "teacher"), top_k=5,
                             request_batch=2, timeout_s=120)
-        signal = ServedTeacher(cfg, tokenizer).score_signal(batch)
+        signal = ServedTeacher(cfg, tokenizer).score(batch)
         assert_served_matches_local(signal, models / "teacher", batch, tokenizer, k=5, atol=1e-4)
 
     def test_training_with_a_vllm_teacher(self, server, models, tiny_setup, tmp_path):

@@ -7,7 +7,11 @@ Layout of ``RUN/checkpoints/step-00000010/``::
     scheduler.pt        LR scheduler state (``weights_only=True``)
     rng-rank{R}.safetensors   torch CPU (and CUDA) generator states of process R
     rng-rank{R}.json          python / numpy RNG states of process R
-    state.json          step, data position
+    NAME.safetensors    modules that train or move alongside the student (an EMA self-teacher,
+                        GAD's discriminator), from the run's hooks (:mod:`opd.hooks`)
+    hooks.pt            the hooks' other state: data position, DistiLLM's phi and replay buffer,
+                        the discriminator's optimizer, ... (``weights_only=True``)
+    state.json          step and compute counters
     checksums.json      SHA-256 of every file above, verified before anything is loaded
 
 A checkpoint is written into a temporary directory and renamed into place, so a
@@ -23,7 +27,7 @@ import json
 import os
 import random
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -78,6 +82,7 @@ def commit_dir(tmp: Path, final: Path) -> None:
 
 
 CHECKSUMS = "checksums.json"
+HOOKS_FILE = "hooks.pt"
 
 
 def sha256_file(path: Path) -> str:
@@ -145,6 +150,11 @@ def _set_rng_state(tensors: dict[str, torch.Tensor], json_state: dict[str, Any])
     np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
 
 
+def _split_states(states: dict[str, Any]) -> tuple[dict[str, torch.nn.Module], dict[str, Any]]:
+    modules = {name: value for name, value in states.items() if isinstance(value, torch.nn.Module)}
+    return modules, {name: value for name, value in states.items() if name not in modules}
+
+
 def save_checkpoint(
     run_dir: Path,
     step: int,
@@ -156,13 +166,13 @@ def save_checkpoint(
     *,
     rank: int = 0,
     barrier: Callable[[], None] = lambda: None,
-    extra_modules: dict[str, torch.nn.Module] | None = None,
-    extra_states: dict[str, dict[str, Any]] | None = None,
+    hooks: Sequence[Any] = (),
 ) -> Path:
     """Write checkpoint ``step`` atomically and prune to the newest ``keep``.
 
     Called by every process: each writes its own RNG states, process 0 writes the
-    rest and renames the directory into place once all have written.
+    rest and renames the directory into place once all have written. ``hooks`` are the run's
+    :class:`opd.hooks.Hooks`; their ``state_dict`` entries are saved beside the student.
     """
     root = run_dir / "checkpoints"
     final = root / f"{_PREFIX}{step:08d}"
@@ -177,10 +187,10 @@ def save_checkpoint(
     barrier()
     if rank == 0:
         save_model(model, str(tmp / "model.safetensors"))
-        for name, module in (extra_modules or {}).items():  # e.g. an EMA self-teacher
+        modules, others = _split_states({k: v for hook in hooks for k, v in hook.state_dict().items()})
+        for name, module in modules.items():  # e.g. an EMA self-teacher
             save_model(module, str(tmp / f"{name}.safetensors"))
-        for name, state_dict in (extra_states or {}).items():  # e.g. the discriminator's optimizer
-            torch.save(state_dict, tmp / f"{name}.pt")
+        torch.save(others, tmp / HOOKS_FILE)
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         (tmp / "state.json").write_text(json.dumps({"step": step, **trainer_state}))
@@ -212,10 +222,10 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
 
 def load_checkpoint(
     path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, *, rank: int = 0,
-    extra_modules: dict[str, torch.nn.Module] | None = None,
-    extra_states: dict[str, Any] | None = None,
+    hooks: Sequence[Any] = (),
 ) -> dict[str, Any]:
-    """Restore weights, optimizer, scheduler and this process's RNG; returns step and data position.
+    """Restore weights, optimizer, scheduler, the hooks' state and this process's RNG; returns the
+    trainer state (step, counters).
 
     The checksums are verified first, so a corrupted checkpoint raises before anything is changed.
     """
@@ -229,12 +239,18 @@ def load_checkpoint(
                 f"checkpoint {path} does not match the student model "
                 f"(missing {untied_missing[:3]}, unexpected {unexpected[:3]})"
             )
-        for name, module in (extra_modules or {}).items():
-            if not (path / f"{name}.safetensors").is_file():
-                raise RunDirError(f"checkpoint {path} has no {name}.safetensors, which this run needs")
-            load_model(module, str(path / f"{name}.safetensors"))
-        for name, target in (extra_states or {}).items():  # objects with load_state_dict
-            target.load_state_dict(torch.load(path / f"{name}.pt", weights_only=True))
+        saved = torch.load(path / HOOKS_FILE, weights_only=True) if (path / HOOKS_FILE).is_file() else {}
+        for hook in hooks:
+            modules, others = _split_states(hook.state_dict())
+            for name, module in modules.items():
+                if not (path / f"{name}.safetensors").is_file():
+                    raise RunDirError(f"checkpoint {path} has no {name}.safetensors, which this run needs")
+                load_model(module, str(path / f"{name}.safetensors"))
+            absent = [name for name in others if name not in saved]
+            if absent:
+                raise RunDirError(f"checkpoint {path} has no {absent[0]} state, which this run needs")
+            if others:
+                hook.load_state_dict({name: saved[name] for name in others})
         optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
         scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
         rng_file = path / f"rng-rank{rank}.safetensors"

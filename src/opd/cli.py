@@ -232,7 +232,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 
 def _cmd_cache_teacher(args: argparse.Namespace) -> int:
-    from opd.cache import build_teacher_cache
+    from opd.cache_teacher import build_teacher_cache
     from opd.config import load_config
     from opd.errors import ConfigError
 

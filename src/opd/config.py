@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from opd.errors import ConfigError
 
@@ -223,16 +223,28 @@ class RolloutConfig(_Section):
 
 
 class LossConfig(_Section):
-    objective: Literal["divergence", "nll", "sampled_token_pg", "minillm", "kdrl", "gad", "uld"] = Field(
+    objective: str = Field(
         "divergence",
-        description="`divergence`: token-level f-divergence against the teacher's distributions; "
+        description="A name registered in opd.losses.OBJECTIVES. `divergence`: token-level f-divergence against "
+        "the teacher's distributions (top-k ones with teacher.top_k); "
         "`nll`: cross-entropy on the behaviour policy's tokens (SeqKD when they come from the teacher); "
         "`sampled_token_pg`: policy gradient with the teacher's log-prob of each sampled token as reward; "
         "`minillm`: sequence-level reverse KL by clipped policy gradient plus the exact single-step term; "
-        "`kdrl`: verifier-reward policy gradient plus a k2 reverse-KL term to the teacher; "
+        "`kdrl`: verifier-reward policy gradient plus a KD term to the teacher (k2: reverse-KL gradient); "
         "`gad`: policy gradient on a discriminator's score trained to tell teacher text from student text; "
-        "`uld`: cross-tokenizer distillation on byte-aligned token groups (ULD, optionally the GOLD hybrid).",
+        "`uld`: cross-tokenizer distillation on byte-aligned token groups (ULD, optionally the GOLD hybrid); "
+        "`kl_mix`: (1 - beta) forward KL + beta reverse KL.",
     )
+
+    @field_validator("objective")
+    @classmethod
+    def _registered(cls, name: str) -> str:
+        from opd.losses import OBJECTIVES  # the registry; opd.losses does not import this module back
+
+        if name not in OBJECTIVES:
+            raise ValueError(f"unknown objective {name!r}; use one of {', '.join(sorted(OBJECTIVES))}")
+        return name
+
     estimator: Literal["k1", "k2", "k3"] = Field(
         "k1", description="Single-sample reverse-KL estimator whose negative is the reward (sampled_token_pg)."
     )
@@ -260,7 +272,11 @@ class LossConfig(_Section):
     kd_coef: float = Field(5e-3, ge=0.0, description="KDRL: initial weight of the KD term.")
     kd_coef_min: float = Field(1e-3, ge=0.0, description="KDRL: the KD weight decays linearly to this floor.")
     kd_coef_decay: float = Field(5e-5, ge=0.0, description="KDRL: KD weight decrease per step (0 = constant).")
-    kd_estimator: Literal["k2", "k3"] = Field("k2", description="KDRL: reverse-KL estimator of the KD term.")
+    kd_estimator: Literal["k2", "k3"] = Field(
+        "k2", description="KDRL: the KD term's single-sample estimator, differentiated through the student's "
+        "log-prob of its own token: `k2` gives the reverse-KL gradient (KDRL's), `k3` the forward-KL gradient "
+        "(although its value estimates reverse KL).",
+    )
     kd_mask_correct: bool = Field(False, description="KDRL: drop the KD term on responses the verifier accepts.")
     uld_hybrid: bool = Field(
         True, description="uld: compare tokens present in both vocabularies exactly (JSD(beta)) and use ULD only "
@@ -433,6 +449,9 @@ class RunConfig(_Section):
                 f"loss.objective={loss.objective} is a policy gradient on the student's own samples; "
                 "set rollout.on_policy_fraction=1"
             )
+        if loss.objective == "kdrl" and rollout.sampler != "student":
+            raise ValueError("loss.objective=kdrl's KD term is a KL gradient only on the student's own samples; "
+                             "use rollout.sampler=student")
         if loss.objective == "kdrl" and rollout.samples_per_prompt < 2:
             raise ValueError("loss.objective=kdrl normalises rewards within groups; set rollout.samples_per_prompt>=2")
         if loss.reward_scale != 1.0 and (loss.objective != "sampled_token_pg" or loss.estimator != "k1"):
@@ -466,6 +485,9 @@ class RunConfig(_Section):
             for name, routed in self.teachers.items():
                 if routed.kind not in ("local", "served"):
                     raise ValueError(f"teachers.{name}: routed teachers are local or served, not {routed.kind}")
+                if routed.top_k != self.teacher.top_k:
+                    raise ValueError(f"teachers.{name}.top_k={routed.top_k} but teacher.top_k={self.teacher.top_k}: "
+                                     "routed teachers must expose the same signal; set the same top_k on all")
                 try:
                     RunConfig.model_validate({**self.model_dump(), "teacher": routed.model_dump(), "teachers": {},
                                               "data": {**self.data.model_dump(), "teacher_field": None}})

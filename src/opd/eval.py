@@ -127,7 +127,7 @@ def evaluate(
                 student_logits = completion_logits(
                     student, batch.input_ids_BT.to(device), batch.attention_mask_BT.to(device), batch.completion_len
                 )
-                teacher_logits = teacher.score(batch).to(device)
+                teacher_logits = teacher.score(batch).require_logits("the teacher divergence").to(device)
                 values = divergences.per_token(
                     divergence_kind,
                     student_logits,
@@ -145,6 +145,35 @@ def evaluate(
         if teacher is not None and not greedy and div_tokens:
             results["eval/teacher_divergence"] = div_sum / div_tokens
     return results
+
+
+class Evaluator:
+    """Held-out evaluation during and after training, under a forked RNG (seeded the same every time),
+    so evaluating more or less often never changes the training run."""
+
+    def __init__(self, examples: list[Example], tokenizer: Any, params: SamplingParams, *, scorer: Scorer,
+                 first_error: FirstError, teacher: Any | None, vocab_size: int, batch_size: int, sampled: bool,
+                 seed: int) -> None:
+        self.examples = examples
+        self.tokenizer = tokenizer
+        self.params = params
+        self.scorer = scorer
+        self.first_error = first_error
+        self.teacher = teacher  # a teacher with full logits on the student's vocabulary, or None
+        self.vocab_size = vocab_size
+        self.batch_size = batch_size
+        self.sampled = sampled
+        self.seed = seed
+
+    def __call__(self, student: torch.nn.Module) -> dict[str, Any]:
+        if not self.examples:
+            return {}
+        device = next(student.parameters()).device
+        with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
+            torch.manual_seed(self.seed)
+            return evaluate(student, self.tokenizer, self.examples, self.params, scorer=self.scorer,
+                            first_error=self.first_error, teacher=self.teacher, vocab_size=self.vocab_size,
+                            batch_size=self.batch_size, sampled=self.sampled)
 
 
 @torch.no_grad()

@@ -96,6 +96,7 @@ from typing import Any
 import torch
 
 from opd.errors import DataError, ModelError
+from opd.hooks import Hooks
 from opd.rollout import SamplingParams, truncate_at_eos
 
 INSTALL_HINT = "pip install 'opd[vllm]'"
@@ -486,6 +487,55 @@ class VLLMEngine:
 
 
 # -- OpenAI-compatible server ------------------------------------------------------------------------------
+
+
+class VLLMSampler(Hooks):
+    """``rollout.engine=vllm``: the student's on-policy samples come from an in-process
+    :class:`VLLMEngine`, started once the student's weights are final for the first step (after a
+    resume), and given the student's weights every ``sync_every`` optimizer steps."""
+
+    def __init__(self, model_dir: str, *, student: Any, dtype: str, seed: int, kv_cache_gb: float,
+                 max_model_len: int, tokenizer: str | None, sync_every: int, processes: int, log: Any = None) -> None:
+        if processes > 1:
+            raise ModelError("rollout.engine=vllm runs in-process on a single process; use the hf engine (or a "
+                             "served teacher) under torchrun / accelerate launch")
+        self.model_dir = model_dir
+        self.student = student  # the module whose weights are pushed (unwrapped)
+        self.dtype = dtype
+        self.seed = seed
+        self.kv_cache_gb = kv_cache_gb
+        self.max_model_len = max_model_len
+        self.tokenizer = tokenizer
+        self.sync_every = sync_every
+        self.log = log
+        self.engine: VLLMEngine | None = None
+
+    def start(self) -> None:
+        started = time.perf_counter()
+        self.engine = VLLMEngine.from_model_dir(self.model_dir, dtype=self.dtype, seed=self.seed,
+                                                kv_cache_gb=self.kv_cache_gb, max_model_len=self.max_model_len,
+                                                tokenizer=self.tokenizer)
+        self.engine.update_weights(self.student)  # after any checkpoint restore (and LoRA wrapping)
+        if self.log is not None:
+            self.log(f"vllm engine ({self.dtype}) ready in {time.perf_counter() - started:.1f}s; weights pushed "
+                     f"every {self.sync_every} step(s)")
+
+    def sample(self, student: torch.nn.Module, prompts: list[list[int]], params: SamplingParams
+               ) -> tuple[list[list[int]], list[list[float]], dict[str, float]]:
+        if self.engine is None:
+            raise RuntimeError("the vLLM engine was not started")
+        outs, lps = self.engine.generate(prompts, params)
+        return outs, lps, {}
+
+    def after_step(self, step: int, stepped: bool) -> dict[str, float]:
+        if self.engine is None or step % self.sync_every:
+            return {}
+        return {"perf/weight_sync_s": self.engine.update_weights(self.student)}
+
+    def close(self) -> None:
+        if self.engine is not None:
+            self.engine.shutdown()
+            self.engine = None
 
 
 def free_port() -> int:
