@@ -509,6 +509,7 @@ class VLLMSampler(Hooks):
         self.sync_every = sync_every
         self.log = log
         self.engine: VLLMEngine | None = None
+        self.last_sync_s = 0.0
 
     def start(self) -> None:
         started = time.perf_counter()
@@ -528,9 +529,9 @@ class VLLMSampler(Hooks):
         return outs, lps, {}
 
     def after_step(self, step: int, stepped: bool) -> dict[str, float]:
-        if self.engine is None or step % self.sync_every:
-            return {}
-        return {"perf/weight_sync_s": self.engine.update_weights(self.student)}
+        if self.engine is not None and step % self.sync_every == 0:
+            self.last_sync_s = self.engine.update_weights(self.student)
+        return {"perf/weight_sync_s": self.last_sync_s}  # the latest push's cost, logged every step
 
     def close(self) -> None:
         if self.engine is not None:
