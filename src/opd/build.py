@@ -168,9 +168,14 @@ def build_run(config: RunConfig, accelerator: Any, log: Any = None) -> Run:
     compute_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.train.mixed_precision)
     for frozen in (teacher, reference, *routed.values()):
         if getattr(frozen, "model", None) is not None:  # a served teacher has no local model
-            frozen.model.to(accelerator.device)
+            frozen.model.to(config.teacher.device if frozen is teacher and config.teacher.device else
+                            accelerator.device)
         if isinstance(frozen, LocalTeacher) and compute_dtype is not None:
             frozen.compute_in(compute_dtype)  # same logits as autocast over its fp32 weights, cast once
+    if config.teacher.shard:
+        from opd.parallel import shard_for_inference
+
+        shard_for_inference(teacher.model, world)  # forwards only, in step on every process
     counters: dict[str, float] = {}
     hooks: list[Hooks] = []
 
@@ -220,7 +225,9 @@ def build_run(config: RunConfig, accelerator: Any, log: Any = None) -> Run:
     if isinstance(sampler, Hooks):  # a rollout engine that holds the student's weights
         hooks.append(sampler)
     # Evaluation's teacher divergence needs full logits on the student's vocabulary.
-    eval_teacher = teacher if kind in ("local", "self") and teacher is not None else None
+    # (A sharded teacher's forwards are collective, and evaluation runs on the main process alone.)
+    eval_teacher = teacher if kind in ("local", "self") and teacher is not None and not config.teacher.shard \
+        else None
     evaluator = Evaluator(
         eval_examples, tokenizer,
         SamplingParams(max_new_tokens=config.eval.max_new_tokens or config.rollout.max_new_tokens,
@@ -233,6 +240,13 @@ def build_run(config: RunConfig, accelerator: Any, log: Any = None) -> Run:
     teachers = {name: t for name, t in {"": teacher, **routed}.items() if t is not None}
     return Run(tokenizer, student, scorer, build_objective(config, vocab_size), rollouts, hooks, evaluator,
                vocab_size, 2.0 * sum(p.numel() for p in student.parameters()), counters, teachers)
+
+
+def fresh_student(config: RunConfig) -> torch.nn.Module:
+    """An unsharded copy of the student as the run builds it (LoRA adapters included), to load a
+    gathered state dict into for export."""
+    student = _load_student(config)
+    return add_lora(student, config.model) if config.model.lora_r is not None else student
 
 
 def _load_student(config: RunConfig) -> torch.nn.Module:

@@ -96,6 +96,15 @@ class TeacherConfig(_Section):
         None, ge=1, description="The teacher exposes only its top-k log-probs per position (teacher-side memory "
         "O(T k), what served teachers and caches return); null = full logits. See `loss.topk_support`.",
     )
+    device: str | None = Field(
+        None, description="Local teacher: where it runs (`cuda:1`, `cpu`, ...), e.g. a GPU of its own beside the "
+        "student's; null = the student's device.",
+    )
+    shard: bool = Field(
+        False, description="Local teacher: shard it over the training processes with FSDP2 for its forward "
+        "passes (no gradients, no optimizer), so a teacher larger than one device fits; needs several processes. "
+        "A served teacher (`kind: served`) puts it on other machines instead.",
+    )
 
 
 class DataConfig(_Section):
@@ -326,7 +335,22 @@ class OptimConfig(_Section):
         return self
 
 
+def launcher_distributed() -> str:
+    """What ``accelerate launch`` was configured with (a user's ``accelerate config``), from the
+    environment it exports: ``deepspeed``, ``fsdp`` or ``ddp``."""
+    import os
+
+    def on(name: str) -> bool:
+        return os.environ.get(name, "").lower() in ("1", "true", "yes")
+
+    return "deepspeed" if on("ACCELERATE_USE_DEEPSPEED") else "fsdp" if on("ACCELERATE_USE_FSDP") else "ddp"
+
+
 class TrainConfig(_Section):
+    def resolved_distributed(self) -> str:
+        """``distributed``, with ``auto`` resolved from the launcher's environment."""
+        return launcher_distributed() if self.distributed == "auto" else self.distributed
+
     output_dir: str = Field("runs/opd", description="Run directory (config, metrics, checkpoints, final model).")
     steps: int = Field(100, ge=1, description="Optimizer steps.")
     batch_size: int = Field(8, ge=1, description="Prompts per micro-batch (per process).")
@@ -344,6 +368,23 @@ class TrainConfig(_Section):
         "no", description="Autocast (accelerate) for the student's forward/backward, its rollouts and the local "
         "teacher's scoring; weights and AdamW stay in model.dtype. On CPUs with AVX512-BF16 bf16 matmuls run ~4x "
         "faster than fp32; fp16 needs a GPU.",
+    )
+    distributed: Literal["auto", "ddp", "fsdp", "deepspeed"] = Field(
+        "auto", description="How the student is spread over processes (torchrun / accelerate launch): `ddp`: a "
+        "replica per process; `fsdp`: PyTorch FSDP2, parameters, gradients and AdamW states sharded 1/N per "
+        "process, sharded checkpoints (DCP) that may resume on another process count; `deepspeed`: ZeRO "
+        "(`train.zero_stage`) through Accelerate's DeepSpeed plugin (`pip install deepspeed`); `auto`: what "
+        "`accelerate launch` was configured with (`accelerate config`), else ddp.",
+    )
+    fsdp_reshard_after_forward: bool = Field(
+        True, description="fsdp: free each decoder layer's gathered weights after its forward (ZeRO-3-like); "
+        "false keeps them until backward (ZeRO-2-like: less communication, more memory).",
+    )
+    fsdp_cpu_offload: bool = Field(
+        False, description="fsdp: keep parameter shards, gradients and AdamW states in host memory (GPU only).",
+    )
+    zero_stage: Literal[2, 3] = Field(
+        3, description="deepspeed: ZeRO stage (2: optimizer states and gradients sharded; 3: parameters too).",
     )
     cpu_linear: Literal["onednn", "torch"] = Field(
         "onednn", description="CPU linear layers of the student and local teachers. `onednn`: float32 products "
@@ -442,6 +483,24 @@ class RunConfig(_Section):
             if self.train.save_every and self.train.save_every % rollout.weight_sync_every:
                 raise ValueError("with rollout.engine=vllm, train.save_every must be a multiple of "
                                  "rollout.weight_sync_every so a resumed run sees the same sampler weights")
+        distributed = self.train.resolved_distributed()
+        if distributed != "ddp":
+            if rollout.engine == "vllm":
+                raise ValueError(f"train.distributed={distributed} shards the student, but the in-process vLLM engine "
+                                 "needs its full weights in one process; use train.distributed=ddp")
+            if self.teacher.kind == "self" and self.teacher.self_weights == "ema" and (
+                    distributed == "fsdp" or self.train.zero_stage == 3):
+                raise ValueError(f"teacher.self_weights=ema updates a full copy from the student's weights, which "
+                                 f"train.distributed={distributed} shards; use self_weights=frozen or live")
+        if self.teacher.device is not None and self.teacher.kind not in ("local", "text", "cross_tokenizer"):
+            raise ValueError(f"teacher.device places a local teacher model; teacher.kind={self.teacher.kind} has none")
+        if self.teacher.shard:
+            if self.teacher.kind != "local" or self.teacher.device is not None:
+                raise ValueError("teacher.shard shards a local teacher over the processes (teacher.kind=local, "
+                                 "without teacher.device)")
+            if rollout.sampler != "student" or (low < 1.0 and rollout.off_policy_source == "teacher"):
+                raise ValueError("a sharded teacher only scores (its forwards run in step on every process); it "
+                                 "cannot decode: use rollout.sampler=student and off_policy_source=dataset")
         if self.rollout.prefix_tokens_final is not None and self.rollout.prefix_tokens is None:
             raise ValueError("rollout.prefix_tokens_final needs rollout.prefix_tokens (the starting length)")
         if loss.objective in ("sampled_token_pg", "minillm", "kdrl", "gad") and low < 1.0:

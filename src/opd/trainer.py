@@ -24,7 +24,6 @@ finite is skipped (and counted), not applied.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 import warnings
@@ -35,12 +34,14 @@ from typing import Any
 import torch
 import yaml
 
+from opd import build
 from opd import checkpoint as ckpt
 from opd.build import Run, build_run
 from opd.config import RunConfig, dump_config
 from opd.errors import OpdError, RunDirError
 from opd.metrics import MetricsLogger
 from opd.models import completion_logits
+from opd.parallel import DataParallel, DeepSpeedZeRO, FullyShardedFSDP2, Parallel, deepspeed_accelerator_kwargs
 from opd.teachers import pop_teacher_stats
 
 _RESUMABLE_CHANGES = {
@@ -146,7 +147,7 @@ def train(config: RunConfig, *, resume: bool = False, log: Any = print) -> Train
     started = time.perf_counter()
     if config.train.threads:
         torch.set_num_threads(config.train.threads)
-    accelerator = _accelerator(config)
+    accelerator, parallel = _distributed(config)
     is_main = accelerator.is_main_process
     run_dir = check_run_dir(config, resume)
     # Each process gets its own sampling stream (data order is seeded separately, and
@@ -156,9 +157,9 @@ def train(config: RunConfig, *, resume: bool = False, log: Any = print) -> Train
     if is_main:
         write_run_config(run_dir, config)
     accelerator.wait_for_everyone()
-    model, optimizer, scheduler = _optimizer(config, run.student, accelerator)
+    model, optimizer, scheduler = _optimizer(config, run.student, parallel)
     counters = {**dict.fromkeys(COUNTERS, 0.0), **run.counters}  # cumulative, restored on resume
-    start_step = _resume(run_dir, config, accelerator, model, optimizer, scheduler, run, counters, log) \
+    start_step = _resume(run_dir, config, parallel, model, optimizer, scheduler, run, counters, log) \
         if resume else 0
     metrics_log = MetricsLogger(run_dir, tensorboard=config.train.tensorboard, enabled=is_main,
                                 resume_step=start_step if resume else None)
@@ -166,14 +167,14 @@ def train(config: RunConfig, *, resume: bool = False, log: Any = print) -> Train
     try:
         for hook in run.hooks:
             hook.start()
-        tokens_seen = _train_steps(config, run, accelerator, model, optimizer, scheduler, counters, start_step,
+        tokens_seen = _train_steps(config, run, parallel, model, optimizer, scheduler, counters, start_step,
                                    metrics_log, run_dir, log)
     finally:
         for hook in run.hooks:
             hook.close()
 
-    final_dir = _export(config, run, accelerator, model, run_dir)
-    last_eval = run.evaluator(accelerator.unwrap_model(model)) if is_main else {}
+    final_dir = _export(config, run, parallel, model, run_dir)
+    last_eval = _evaluate(run, parallel, model)
     if is_main:
         if last_eval:
             metrics_log.log(config.train.steps, last_eval)
@@ -187,18 +188,21 @@ def train(config: RunConfig, *, resume: bool = False, log: Any = print) -> Train
     return TrainResult(run_dir, final_dir, config.train.steps, last_eval, time.perf_counter() - started, counters)
 
 
-def _train_steps(config: RunConfig, run: Run, accelerator: Any, model: Any, optimizer: Any, scheduler: Any,
+def _train_steps(config: RunConfig, run: Run, parallel: Parallel, model: Any, optimizer: Any, scheduler: Any,
                  counters: dict[str, float], start_step: int, metrics_log: MetricsLogger, run_dir: Path,
                  log: Any) -> int:
     """The loop proper; returns the completion tokens it trained on."""
-    is_main, world, device = accelerator.is_main_process, accelerator.num_processes, accelerator.device
+    accelerator = parallel.accelerator
+    is_main, device = accelerator.is_main_process, accelerator.device
     bar = _progress(config.train.steps, start_step, config.train.progress and is_main)
     say = bar.write if config.train.progress else log  # messages during the loop
     tokens_seen, nonfinite_in_a_row, skipped_total = 0, 0, 0
     for step in range(start_step + 1, config.train.steps + 1):
         step_start = time.perf_counter()
-        # 1. rollout: the behaviour policy writes this step's micro-batches
-        batches, rollout_metrics = run.rollouts.next_step(accelerator.unwrap_model(model), step)
+        # 1. rollout: the behaviour policy writes this step's micro-batches (a sharded student is
+        # gathered once for the whole rollout)
+        with parallel.full_weights(model):
+            batches, rollout_metrics = run.rollouts.next_step(parallel.module(model), step)
         rollout_s = time.perf_counter() - step_start
         # 2. count: the step's completion tokens over every micro-batch and process (the loss normaliser)
         step_tokens = _count_tokens(batches, run, accelerator, counters)
@@ -207,8 +211,8 @@ def _train_steps(config: RunConfig, run: Run, accelerator: Any, model: Any, opti
         step_loss, teacher_s, student_s = 0.0, 0.0, 0.0
         loss_sums: dict[str, float] = {}
         for index, batch in enumerate(batches):
-            sync = contextlib.nullcontext() if index == len(batches) - 1 else accelerator.no_sync(model)
-            with sync:
+            last = index == len(batches) - 1
+            with parallel.sync(model, last):
                 t0 = time.perf_counter()
                 # Under train.mixed_precision the teacher computes in the student's precision too.
                 with accelerator.autocast():
@@ -219,28 +223,22 @@ def _train_steps(config: RunConfig, run: Run, accelerator: Any, model: Any, opti
                 loss, loss_metrics = run.objective(student_logits, signal, batch, step=step, num_tokens=step_tokens)
                 for key, value in {**signal.metrics, **loss_metrics}.items():
                     loss_sums[key] = loss_sums.get(key, 0.0) + value
-                accelerator.backward(loss * world)
+                parallel.backward(model, loss, last)
                 teacher_s += t1 - t0
                 student_s += time.perf_counter() - t1
                 step_loss += float(loss.detach().item())
                 del student_logits, signal, loss
 
-        # 4. update: clip and step (every process sees the same global loss and norm, so all skip or
-        # all step), then the hooks and the schedule
+        # 4. update: clip and step unless the global loss or gradient norm is not finite (every process
+        # sees the same ones, so all skip or all step), then the hooks and the schedule
         step_loss = float(accelerator.reduce(torch.tensor(step_loss, device=device), "sum").item())
-        max_norm = config.optim.max_grad_norm if config.optim.max_grad_norm is not None else math.inf
-        grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), max_norm))
         lr_used = scheduler.get_last_lr()[0]
-        stepped = math.isfinite(step_loss) and math.isfinite(grad_norm)
-        if stepped:
-            nonfinite_in_a_row = 0
-            optimizer.step()
-        else:
-            nonfinite_in_a_row, skipped_total = nonfinite_in_a_row + 1, skipped_total + 1
-            if nonfinite_in_a_row >= config.train.max_nonfinite_steps:
-                raise OpdError(f"loss or gradient was NaN/inf for {nonfinite_in_a_row} steps in a row "
-                               f"(step {step}); lower optim.lr or check the models")
-        optimizer.zero_grad(set_to_none=True)
+        grad_norm, stepped = parallel.step(model, optimizer, config.optim.max_grad_norm, math.isfinite(step_loss))
+        nonfinite_in_a_row = 0 if stepped else nonfinite_in_a_row + 1
+        skipped_total += not stepped
+        if nonfinite_in_a_row >= config.train.max_nonfinite_steps:
+            raise OpdError(f"loss or gradient was NaN/inf for {nonfinite_in_a_row} steps in a row "
+                           f"(step {step}); lower optim.lr or check the models")
         hook_metrics: dict[str, float] = {}
         for hook in run.hooks:
             hook_metrics.update(hook.after_step(step, stepped))
@@ -273,14 +271,14 @@ def _train_steps(config: RunConfig, run: Run, accelerator: Any, model: Any, opti
         elif hook_metrics:
             metrics_log.log(step, hook_metrics)
         if config.train.eval_every and step % config.train.eval_every == 0 and step != config.train.steps:
-            results = run.evaluator(accelerator.unwrap_model(model)) if is_main else {}
+            results = _evaluate(run, parallel, model)
             if results:
                 metrics_log.log(step, results)
                 say(_eval_line(step, results))
         if config.train.save_every and step % config.train.save_every == 0:
-            ckpt.save_checkpoint(run_dir, step, accelerator.unwrap_model(model), optimizer, scheduler,
-                                 {"counters": counters}, config.train.keep_checkpoints,
-                                 rank=accelerator.process_index, barrier=accelerator.wait_for_everyone,
+            ckpt.save_checkpoint(run_dir, step, parallel, model, optimizer, scheduler, {"counters": counters},
+                                 config.train.keep_checkpoints, rank=accelerator.process_index,
+                                 world=accelerator.num_processes, barrier=accelerator.wait_for_everyone,
                                  hooks=run.hooks)
         accelerator.wait_for_everyone()
     bar.close()
@@ -342,7 +340,8 @@ def _step_means(accelerator: Any, loss_sums: dict[str, float], rollout_metrics: 
     return row
 
 
-def _accelerator(config: RunConfig) -> Any:
+def _distributed(config: RunConfig) -> tuple[Any, Parallel]:
+    """The accelerator (process group, reductions, autocast) and how the student is spread."""
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
 
@@ -354,25 +353,46 @@ def _accelerator(config: RunConfig) -> Any:
         # accelerate keeps one precision per process; a second train() in the same process (a notebook,
         # a sweep) with another one would be refused. The process group (PartialState) is kept.
         AcceleratorState._reset_state(reset_partial_state=False)
-    return Accelerator(cpu=on_cpu, mixed_precision=config.train.mixed_precision)
+    distributed = config.train.resolved_distributed()
+    if distributed == "deepspeed":
+        accelerator = Accelerator(**deepspeed_accelerator_kwargs(config, on_cpu))
+        return accelerator, DeepSpeedZeRO(accelerator, config.train.grad_accum)
+    accelerator = Accelerator(cpu=on_cpu, mixed_precision=config.train.mixed_precision)
+    if distributed == "fsdp":
+        if accelerator.num_processes == 1 and not torch.distributed.is_initialized():
+            # FSDP2 needs a process group even for one process (e.g. a one-GPU run of the sharded path).
+            torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo",
+                                                 store=torch.distributed.HashStore(), rank=0, world_size=1)
+        return accelerator, FullyShardedFSDP2(
+            accelerator, reshard_after_forward=config.train.fsdp_reshard_after_forward,
+            cpu_offload=config.train.fsdp_cpu_offload, mixed_precision=config.train.mixed_precision)
+    return accelerator, DataParallel(accelerator)
 
 
-def _optimizer(config: RunConfig, student: torch.nn.Module, accelerator: Any) -> tuple[Any, Any, Any]:
-    """AdamW over the trainable parameters and its LR schedule, prepared by accelerate."""
-    trainable = [p for p in student.parameters() if p.requires_grad]
-    # The fused AdamW kernel: one pass per tensor instead of ~10 foreach ops (an 85M-parameter step
-    # took 35 ms against 205 ms on 2 CPU cores); same update rule.
-    fused = bool(trainable) and all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in trainable)
-    optimizer = torch.optim.AdamW(trainable, lr=config.optim.lr, betas=config.optim.betas, eps=config.optim.eps,
-                                  weight_decay=config.optim.weight_decay, fused=fused or None)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda_factory(config.optim, config.train.steps))
-    model, optimizer = accelerator.prepare(student, optimizer)
+def _optimizer(config: RunConfig, student: torch.nn.Module, parallel: Parallel) -> tuple[Any, Any, Any]:
+    """The student wrapped by ``parallel``, AdamW over its trainable parameters, and the LR schedule."""
+    made: list[torch.optim.Optimizer] = []
+
+    def adamw(params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+        # The fused AdamW kernel: one pass per tensor instead of ~10 foreach ops (an 85M-parameter step
+        # took 35 ms against 205 ms on 2 CPU cores); same update rule. Plain tensors only (not shards).
+        fused = parallel.name == "ddp" and bool(params) and all(
+            p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
+        made.append(torch.optim.AdamW(params, lr=config.optim.lr, betas=config.optim.betas, eps=config.optim.eps,
+                                      weight_decay=config.optim.weight_decay, fused=fused or None))
+        return made[-1]
+
+    model, optimizer = parallel.prepare(student, adamw)
+    # The schedule drives the torch optimizer itself, whatever wraps it (accelerate, DeepSpeed's ZeRO
+    # optimizer keeps stepping its param groups).
+    scheduler = torch.optim.lr_scheduler.LambdaLR(made[0], lr_lambda_factory(config.optim, config.train.steps))
     return model, optimizer, scheduler
 
 
-def _resume(run_dir: Path, config: RunConfig, accelerator: Any, model: Any, optimizer: Any, scheduler: Any,
+def _resume(run_dir: Path, config: RunConfig, parallel: Parallel, model: Any, optimizer: Any, scheduler: Any,
             run: Run, counters: dict[str, float], log: Any) -> int:
     """Restore the newest checkpoint that verifies; returns its step (0 when there is none)."""
+    accelerator = parallel.accelerator
     is_main = accelerator.is_main_process
     if is_main:
         ckpt.clean_stale(run_dir)
@@ -386,8 +406,9 @@ def _resume(run_dir: Path, config: RunConfig, accelerator: Any, model: Any, opti
             if is_main:
                 warnings.warn(f"{exc}; trying the previous checkpoint", stacklevel=2)
             continue
-        state = ckpt.load_checkpoint(candidate, accelerator.unwrap_model(model), optimizer, scheduler,
-                                     rank=accelerator.process_index, hooks=run.hooks)
+        state = ckpt.load_checkpoint(candidate, parallel, model, optimizer, scheduler,
+                                     rank=accelerator.process_index, world=accelerator.num_processes,
+                                     seed=config.train.seed, hooks=run.hooks)
         counters.update(state.get("counters", {}))
         if is_main:
             log(f"resumed from {candidate} at step {state['step']}")
@@ -399,13 +420,27 @@ def _resume(run_dir: Path, config: RunConfig, accelerator: Any, model: Any, opti
     return 0
 
 
-def _export(config: RunConfig, run: Run, accelerator: Any, model: Any, run_dir: Path) -> Path:
+def _evaluate(run: Run, parallel: Parallel, model: Any) -> dict[str, Any]:
+    """The evaluator on the main process (a sharded student is gathered on every process meanwhile)."""
+    with parallel.full_weights(model):
+        return run.evaluator(parallel.module(model)) if parallel.accelerator.is_main_process else {}
+
+
+def _export(config: RunConfig, run: Run, parallel: Parallel, model: Any, run_dir: Path) -> Path:
     """The final student, loadable with ``AutoModelForCausalLM.from_pretrained`` (LoRA merged, the
-    adapter alone in ``final/adapter``), written atomically by the main process."""
+    adapter alone in ``final/adapter``), written atomically by the main process. A sharded student is
+    gathered into a fresh unsharded copy first."""
     final_dir = run_dir / "final"
-    if accelerator.is_main_process:
+    if parallel.name == "ddp":
+        final_model = parallel.module(model) if parallel.accelerator.is_main_process else None
+    else:
+        full = parallel.full_state_dict(model)  # a collective: every process takes part
+        final_model = None
+        if full is not None:
+            final_model = build.fresh_student(config)
+            final_model.load_state_dict(full)
+    if final_model is not None:
         tmp = ckpt.atomic_dir(final_dir)
-        final_model = accelerator.unwrap_model(model)
         if config.model.lora_r is not None:
             import copy
 
@@ -416,6 +451,7 @@ def _export(config: RunConfig, run: Run, accelerator: Any, model: Any, run_dir: 
         final_model.save_pretrained(tmp, safe_serialization=True)
         run.tokenizer.save_pretrained(tmp)
         ckpt.commit_dir(tmp, final_dir)
+    parallel.accelerator.wait_for_everyone()
     return final_dir
 
 
