@@ -136,6 +136,21 @@ def test_fsdp_resumes_on_another_process_count_and_lora_trains_sharded(tiny_setu
     assert any(not torch.equal(before[k], after[k]) for k in before)  # the merged adapters moved the weights
 
 
+def test_an_accelerate_fsdp_config_selects_fsdp(tiny_setup, tmp_path):
+    """`accelerate launch --config_file` with a user's FSDP config: train.distributed=auto follows it."""
+    config = tmp_path / "fsdp.yaml"
+    config.write_text("compute_environment: LOCAL_MACHINE\ndistributed_type: FSDP\nnum_machines: 1\n"
+                      "num_processes: 2\nuse_cpu: true\nmixed_precision: 'no'\nfsdp_config:\n  fsdp_version: 2\n")
+    out = tmp_path / "run"
+    done = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config),
+                           "--main_process_port", str(next(_PORTS)), "-m", "opd.cli", "train", "supervised_kd",
+                           *base_overrides(tiny_setup, out, **COMMON, **{"train.save_every": 3})],
+                          env=ENV, capture_output=True, text=True, timeout=400)
+    assert done.returncode == 0, done.stderr[-3000:]
+    shards = sorted(p.name for p in (out / "checkpoints" / "step-00000003" / "student").iterdir())
+    assert shards == [".metadata", "__0_0.distcp", "__1_0.distcp"]
+
+
 def test_settings_that_cannot_work_are_refused_in_one_line(tiny_setup, tmp_path, capsys):
     from opd.cli import main
 
