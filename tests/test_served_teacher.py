@@ -8,10 +8,15 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 import threading
+import time
+import urllib.request
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from conftest import assert_served_matches_local, base_overrides
 from opd import objectives
@@ -307,3 +312,69 @@ def test_teacher_scores_chat_prompts_with_its_own_template(tiny_setup, tmp_path,
         srv.server_close()
     lp = objectives.token_logprobs(expected, batch.completion_ids_BC, vocab_size=len(tokenizer))
     assert ((signal.token_logprobs_BC - lp).abs() * batch.completion_mask_BC).max() < 1e-5
+
+
+# --- teacher server pools ------------------------------------------------------------------------------
+
+
+def _serve(model_dir, port):
+    proc = subprocess.Popen([sys.executable, "-m", "opd.cli", "serve-teacher", str(model_dir), "--port", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=2):
+                return proc
+        except OSError:
+            time.sleep(0.2)
+    proc.kill()
+    raise RuntimeError("opd serve-teacher did not start")
+
+
+def test_a_pool_of_served_teachers_survives_losing_one(tiny_setup, tmp_path, tokenizer):
+    """Two real teacher servers; requests are spread over both; one is killed (by its PID) mid-run and the
+    run finishes on the other, with the same weights as a run against one server (identical scores)."""
+    from opd.vllm_engine import free_port
+
+    ports = [free_port(), free_port()]
+    servers = [_serve(tiny_setup / "teacher", port) for port in ports]
+    urls = [f"http://127.0.0.1:{port}" for port in ports]
+    try:
+        pool = ServedTeacher(TeacherConfig(kind="served", url=urls, top_k=3, request_batch=1, concurrency=2),
+                             tokenizer)
+        batch = _batch(tokenizer)
+        first = pool.score(batch)
+        stats = pool.pop_stats()
+        assert stats["teacher/requests"] == 3 and stats["teacher/servers_down"] == 0
+        servers[0].kill()  # the least busy server is gone: its requests move to the other
+        servers[0].wait()
+        again = pool.score(batch)
+        assert torch.equal(first.token_logprobs_BC, again.token_logprobs_BC)
+        stats = pool.pop_stats()
+        assert stats["teacher/connection_errors"] >= 1 and stats["teacher/servers_down"] == 1
+
+        # one sequence per request: the server's scores then do not depend on how requests were batched
+        common = {"teacher.kind": "served", "data.eval": "null", "train.steps": 4, "teacher.server_cooldown_s": 60,
+                  "train.threads": 1, "teacher.request_batch": 1, "teacher.concurrency": 2}
+        single = tmp_path / "single"
+        assert main(["train", "sampled_token_opd", *base_overrides(tiny_setup, single, **common,
+                                                                   **{"teacher.url": urls[1]})]) == 0
+        servers[0] = _serve(tiny_setup / "teacher", ports[0])
+        pooled = tmp_path / "pooled"
+        overrides = base_overrides(tiny_setup, pooled, **common, **{"teacher.url": json.dumps(urls)})
+        done = subprocess.Popen([sys.executable, "-m", "opd.cli", "train", "sampled_token_opd", *overrides,
+                                 "train.log_every=1"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        deadline = time.monotonic() + 120
+        metrics = pooled / "metrics.jsonl"
+        while done.poll() is None and not (metrics.exists() and metrics.read_text().strip()) \
+                and time.monotonic() < deadline:
+            time.sleep(0.01)
+        servers[0].kill()  # mid-run
+        _, err = done.communicate(timeout=300)
+        assert done.returncode == 0, err.decode()[-2000:]
+        a = load_file(str(single / "final" / "model.safetensors"))
+        b = load_file(str(pooled / "final" / "model.safetensors"))
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    finally:
+        for proc in servers:
+            proc.kill()

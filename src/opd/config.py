@@ -71,7 +71,14 @@ class TeacherConfig(_Section):
         "ema", description="Self-teacher weights: the live student, a frozen copy of the initial student, or an EMA.",
     )
     ema_decay: float = Field(0.99, ge=0.0, lt=1.0, description="EMA decay of the self-teacher per optimizer step.")
-    url: str | None = Field(None, description="Served teacher: base URL of the completions server.")
+    url: str | list[str] | None = Field(
+        None, description="Served teacher: base URL of the completions server, or a list of servers (a pool: "
+        "requests go to the least busy healthy one; one that fails is set aside for server_cooldown_s and the "
+        "request retried on another, so the run survives losing all but one).",
+    )
+    server_cooldown_s: float = Field(
+        30.0, gt=0.0, description="Served teacher pool: seconds a failed server is left out before it is tried again.",
+    )
     served_model: str | None = Field(None, description="Served teacher: model name sent in requests (default: model).")
     api_key_env: str | None = Field(
         "OPD_TEACHER_API_KEY", description="Served teacher: environment variable holding the API key (sent as a "

@@ -24,7 +24,6 @@ import abc
 import contextlib
 import copy
 import string
-import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -37,6 +36,7 @@ from opd.errors import DataError, ModelError
 from opd.hooks import Hooks
 from opd.models import completion_logits, load_causal_lm, load_tokenizer
 from opd.rollout import SamplingParams, SequenceBatch, build_batch, hf_generate
+from opd.serverpool import BadResponse, ServerError, ServerPool
 from opd.signal import CrossTokenizerView, TeacherSignal, merge_rows
 
 
@@ -339,16 +339,14 @@ class SelfTeacher(Teacher, Hooks):
         return {"teacher_ema": self.model} if self.weights == "ema" else {}
 
 
-class TeacherServerError(ModelError):
-    """The teacher server could not be reached or kept answering wrongly."""
-
-
-class _BadResponse(Exception):
-    """A response that arrived but cannot be trusted (truncated, not JSON, wrong shape)."""
+TeacherServerError = ServerError  # the teacher server(s) could not be reached or kept answering wrongly
+_BadResponse = BadResponse
 
 
 class ServedTeacher(Teacher):
-    """A teacher behind an OpenAI-compatible completions server (vLLM, ``opd serve-teacher``).
+    """A teacher behind an OpenAI-compatible completions server (vLLM, ``opd serve-teacher``), or a pool
+    of them (``teacher.url`` a list: requests go to the least busy healthy server, see
+    :class:`opd.serverpool.ServerPool`).
 
     Sequences go out as token ids (no re-tokenisation drift) with ``prompt_logprobs: k``; the
     answer gives, per completion token, its log-prob and the teacher's top-k. Requests carry
@@ -362,17 +360,17 @@ class ServedTeacher(Teacher):
 
     def __init__(self, cfg: TeacherConfig, student_tokenizer: Any, *, temperature: float = 1.0) -> None:
         import os
-        import random
 
         if not cfg.url:
             raise ModelError("teacher.kind=served needs teacher.url (e.g. http://127.0.0.1:8000)")
-        self.url = cfg.url.rstrip("/")
+        self.pool = ServerPool(cfg.url, what="teacher server",
+                               api_key=os.environ.get(cfg.api_key_env) if cfg.api_key_env else None,
+                               timeout_s=cfg.timeout_s, max_retries=cfg.max_retries, backoff_s=cfg.backoff_s,
+                               cooldown_s=cfg.server_cooldown_s, hint="raise teacher.max_retries / timeout_s")
+        self.url = self.pool.url
         self.model_name = cfg.served_model or cfg.model or "default"
-        self.name = f"{self.model_name} at {self.url}"
+        self.name = f"{self.model_name} at {', '.join(self.pool.urls)}"
         self.top_k = cfg.top_k or 0
-        self.timeout = cfg.timeout_s
-        self.max_retries = cfg.max_retries
-        self.backoff = cfg.backoff_s
         self.concurrency = cfg.concurrency
         self.request_batch = cfg.request_batch
         self.tokenizer = student_tokenizer
@@ -383,73 +381,19 @@ class ServedTeacher(Teacher):
         if cfg.tokenizer:
             self.teacher_tokenizer = load_tokenizer(cfg.tokenizer, trust_remote_code=cfg.trust_remote_code)
             check_same_tokenizer(student_tokenizer, self.teacher_tokenizer)
-        self._api_key = os.environ.get(cfg.api_key_env) if cfg.api_key_env else None
-        self._jitter = random.Random(0)  # private: never touches the checkpointed global RNG
-        self.stats = {"requests": 0.0, "retries": 0.0, "timeouts": 0.0, "http_errors": 0.0,
-                      "connection_errors": 0.0, "bad_responses": 0.0}
-        self._lock = threading.Lock()
+
+    @property
+    def stats(self) -> dict[str, float]:
+        return self.pool.stats
 
     # -- transport -------------------------------------------------------------------------------
     def _request(self, body: dict[str, Any], check: Any) -> Any:
-        """POST ``body`` and return ``check(answer)``; transport errors, HTTP 429/5xx and answers
-        that fail ``check`` (raising _BadResponse) are retried with exponential backoff."""
-        import http.client
-        import json
-        import time
-        import urllib.error
-        import urllib.request
-
-        payload = json.dumps(body).encode()
-        headers = {"Content-Type": "application/json"}
-        if self._api_key:
-            headers["Authorization"] = f"Bearer {self._api_key}"
-        last = "no attempt"
-        for attempt in range(self.max_retries + 1):
-            if attempt:
-                with self._lock:
-                    self.stats["retries"] += 1
-                    delay = self.backoff * 2 ** (attempt - 1) * (0.75 + 0.5 * self._jitter.random())
-                time.sleep(delay)
-            with self._lock:
-                self.stats["requests"] += 1
-            request = urllib.request.Request(f"{self.url}/v1/completions", data=payload, headers=headers)
-            try:
-                with urllib.request.urlopen(request, timeout=self.timeout) as response:
-                    raw = response.read()
-                try:
-                    answer = json.loads(raw)
-                except ValueError:
-                    raise _BadResponse(f"invalid JSON ({len(raw)} bytes)") from None
-                return check(answer)
-            except urllib.error.HTTPError as exc:
-                if exc.code in (429, 500, 502, 503, 504):
-                    kind, last = "http_errors", f"HTTP {exc.code}"
-                else:
-                    detail = exc.read()[:200].decode(errors="replace")
-                    raise TeacherServerError(f"teacher server {self.url} rejected the request: HTTP {exc.code} "
-                                             f"{detail.strip()}") from None
-            except TimeoutError:
-                kind, last = "timeouts", f"no answer within {self.timeout:g}s"
-            except (urllib.error.URLError, http.client.HTTPException, ConnectionError, OSError) as exc:
-                reason = getattr(exc, "reason", exc)
-                if isinstance(reason, TimeoutError):
-                    kind, last = "timeouts", f"no answer within {self.timeout:g}s"
-                else:
-                    kind, last = "connection_errors", f"{type(exc).__name__}: {reason}"
-            except _BadResponse as exc:
-                kind, last = "bad_responses", str(exc)
-            with self._lock:
-                self.stats[kind] += 1
-        raise TeacherServerError(f"teacher server {self.url} failed {self.max_retries + 1} times in a row "
-                                 f"(last: {last}); check the server or raise teacher.max_retries / timeout_s")
+        """POST ``body`` to a server of the pool and return ``check(answer)``; transport errors, HTTP
+        429/5xx and answers that fail ``check`` (raising BadResponse) are retried (:class:`ServerPool`)."""
+        return self.pool.post("/v1/completions", body, check)
 
     def _map(self, fn: Any, chunks: list[Any]) -> list[Any]:
-        if self.concurrency <= 1 or len(chunks) <= 1:
-            return [fn(c) for c in chunks]
-        from concurrent.futures import ThreadPoolExecutor
-
-        with ThreadPoolExecutor(max_workers=self.concurrency) as pool:
-            return list(pool.map(fn, chunks))
+        return self.pool.map(fn, chunks, self.concurrency)
 
     # -- scoring ---------------------------------------------------------------------------------
     def _score_chunk(self, sequences: list[tuple[list[int], int]]) -> list[tuple[list[float], list[list[int]],
@@ -547,11 +491,7 @@ class ServedTeacher(Teacher):
         return [ids for chunk in self._map(run, chunks) for ids in chunk]
 
     def pop_stats(self) -> dict[str, float]:
-        with self._lock:
-            out = {f"teacher/{k}": v for k, v in self.stats.items()}
-            for key in self.stats:
-                self.stats[key] = 0.0
-        return out
+        return self.pool.pop_stats("teacher")
 
 
 def pop_teacher_stats(teachers: dict[str, Teacher]) -> dict[str, float]:
