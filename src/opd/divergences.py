@@ -384,11 +384,15 @@ class _Head:
         self.weight_VH = head.weight_VH.detach()[:vocab].to(dtype)
         self.bias_V = None if head.bias_V is None else head.bias_V.detach()[:vocab].to(dtype)
         self.scale, self.softcap = float(head.scale), head.softcap
+        self.plain = self.scale == 1.0 and self.softcap is None
 
-    def logits(self, hidden_cH: torch.Tensor) -> torch.Tensor:
-        """``[c, V]`` post-processed logits in the work dtype (fp32, fp64 for fp64 inputs)."""
+    def logits(self, hidden_cH: torch.Tensor, upcast: bool = True) -> torch.Tensor:
+        """``[c, V]`` post-processed logits: in the work dtype (fp32, fp64 for fp64 inputs), or with
+        ``upcast=False`` and a plain head in the compute dtype (for a kernel that upcasts as it reads)."""
         with torch.autocast(self.device_type, enabled=False):
             out = torch.nn.functional.linear(hidden_cH.detach().to(self.dtype), self.weight_VH, self.bias_V)
+        if self.plain and not upcast:
+            return out
         out = out.to(self.work)  # bf16 products are rounded like the unfused path's bf16 logits
         if self.scale != 1.0:
             out.mul_(self.scale)
@@ -398,6 +402,8 @@ class _Head:
 
     def raw_grad_(self, grad_cV: torch.Tensor, logits_cV: torch.Tensor) -> torch.Tensor:
         """dL/d(h W^T + b) from dL/dlogits, in place (``logits_cV`` is overwritten), in the compute dtype."""
+        if self.plain:
+            return grad_cV.to(self.dtype)
         if self.softcap is not None:
             # d/du c tanh(s u / c) = s (1 - tanh^2) = s (1 - (z / c)^2) with z the capped logits
             grad_cV.mul_(logits_cV.div_(self.softcap).square_().neg_().add_(1.0))
@@ -411,17 +417,29 @@ class _Head:
 
 
 class _Grads:
-    """Gradients of one call w.r.t. hidden rows, head weight and bias, accumulated chunk by chunk."""
+    """Gradients of one call w.r.t. hidden rows, head weight and bias, accumulated chunk by chunk.
+
+    The weight gradient is a sum over every row. When the products run in the weight's own dtype
+    (fp32, or bf16 weights in pure-bf16 training) each chunk is added in place by the matrix
+    product itself (``addmm_``, one rounding per chunk, as Liger's chunked losses do). Under
+    autocast with fp32 weights the bf16 products go to one reused bf16 buffer that is flushed into
+    the fp32 gradient every few chunks: no ``[V, H]`` temporary per chunk (on CPU every fresh
+    buffer of that size costs its page faults), and the fp32 sum sees few bf16 roundings.
+    """
+
+    FLUSH_EVERY = 8
 
     def __init__(self, head: _Head, rows: int, hidden: torch.Tensor, weight: torch.Tensor,
                  bias: torch.Tensor | None, needs: tuple[bool, bool, bool]) -> None:
         self.head = head
         self.hidden_RH = (torch.zeros((rows, hidden.shape[-1]), dtype=hidden.dtype, device=hidden.device)
                           if needs[0] else None)
-        # The weight gradient sums over every row: accumulated in at least fp32, full height (padding
-        # rows stay zero), returned as is when that is the weight's dtype (no copy).
-        acc = torch.promote_types(weight.dtype, torch.float32)
+        acc = weight.dtype if weight.dtype == head.dtype else torch.promote_types(weight.dtype, torch.float32)
+        # Full height: padding rows past the vocabulary stay zero.
         self.weight_VH = torch.zeros(weight.shape, dtype=acc, device=weight.device) if needs[1] else None
+        self.partial_VH = (torch.zeros(head.weight_VH.shape, dtype=head.dtype, device=weight.device)
+                           if needs[1] and acc != head.dtype else None)
+        self.pending = 0
         self.bias_V = (torch.zeros(bias.shape, dtype=torch.promote_types(bias.dtype, torch.float32),
                                    device=bias.device) if needs[2] and bias is not None else None)
 
@@ -430,15 +448,26 @@ class _Grads:
         if hidden_rows and self.hidden_RH is not None:
             self.hidden_RH[sl] = head.matmul(raw_grad_cV, head.weight_VH).to(self.hidden_RH.dtype)
         if self.weight_VH is not None:
-            hidden_c = hidden_cH.detach().to(head.dtype)
-            target = self.weight_VH[:vocab]
-            if target.dtype == head.dtype:
-                with torch.autocast(head.device_type, enabled=False):
-                    target.addmm_(raw_grad_cV.t(), hidden_c)
-            else:  # bf16 products, summed in fp32 over chunks
-                target.add_(head.matmul(raw_grad_cV.t(), hidden_c))
+            target = self.partial_VH if self.partial_VH is not None else self.weight_VH[:vocab]
+            with torch.autocast(head.device_type, enabled=False):
+                target.addmm_(raw_grad_cV.t(), hidden_cH.detach().to(head.dtype))
+            self.pending += 1
+            if self.partial_VH is not None and self.pending >= self.FLUSH_EVERY:
+                self.flush()
         if self.bias_V is not None:
             self.bias_V[:vocab].add_(raw_grad_cV.sum(0, dtype=self.bias_V.dtype))
+
+    def flush(self) -> None:
+        """Move the bf16 partial sum into the weight gradient (a no-op without one)."""
+        if self.partial_VH is not None and self.pending:
+            self.weight_VH[: self.partial_VH.shape[0]].add_(self.partial_VH)
+            self.partial_VH.zero_()
+        self.pending = 0
+
+    def done(self) -> _Grads:
+        self.flush()
+        self.partial_VH = None
+        return self
 
 
 class _HeadRows(torch.autograd.Function):
@@ -474,14 +503,17 @@ class _HeadRows(torch.autograd.Function):
         n_rows = rows_R.numel()
         out_RD = torch.zeros((n_rows, *op.out_shape), dtype=head.work, device=hidden_NH.device)
         grads = _Grads(head, n_rows, hidden_NH, weight_VH, bias_V, needs) if eager else None
+        op.grad_dtype = head.dtype if head.plain else head.work  # a kernel may emit dL/dz ready for the products
         for start in range(0, n_rows, chunk):
             sl = slice(start, min(start + chunk, n_rows))
-            logits_cV = head.logits(hidden_RH[sl])
+            logits_cV = head.logits(hidden_RH[sl], upcast=not op.low_precision_input)
             value_c, grad_cV = op.forward_chunk(logits_cV, sl, eager)
             out_RD[sl] = value_c
             if grads is not None:
                 grads.add(sl, head.raw_grad_(grad_cV, logits_cV), hidden_RH[sl])
             del logits_cV, grad_cV
+        if grads is not None:
+            grads.done()
         ctx.save_for_backward(hidden_NH, weight_VH, bias_V)
         ctx.rows_R, ctx.op, ctx.head_spec, ctx.vocab, ctx.chunk = rows_R, op, head_spec, vocab, chunk
         ctx.needs, ctx.grads, ctx.inplace, ctx.consumed = needs, grads, inplace_backward, False
@@ -541,16 +573,18 @@ def _recompute(op: Any, head: _Head, grads: _Grads, hidden_RH: torch.Tensor, gra
                hidden_rows: bool) -> None:
     for start in range(0, hidden_RH.shape[0], chunk):
         sl = slice(start, min(start + chunk, hidden_RH.shape[0]))
-        logits_cV = head.logits(hidden_RH[sl])
+        logits_cV = head.logits(hidden_RH[sl], upcast=not op.low_precision_input)
         grad_cV = op.backward_chunk(logits_cV, sl, grad_RD[sl])
         grads.add(sl, head.raw_grad_(grad_cV, logits_cV), hidden_RH[sl], hidden_rows=hidden_rows)
         del logits_cV, grad_cV
+    grads.done()
 
 
 class _DivergenceOp:
     """Per-row divergence against teacher rows (a tensor's rows or a teacher head's chunk logits)."""
 
     eager = True
+    low_precision_input = True  # the kernel upcasts bf16 logits as it reads them: no fp32 copy first
     out_shape: tuple[int, ...] = ()
 
     def __init__(self, teacher_rows: Callable[[slice], torch.Tensor], kind: str, beta: float, alpha: float,
@@ -558,11 +592,13 @@ class _DivergenceOp:
                  work: torch.dtype) -> None:
         self.teacher_rows, self.kernel, self.work = teacher_rows, kernel, work
         self.params = (kind, beta, alpha, temperature)
+        self.grad_dtype = work
 
     def forward_chunk(self, logits_cV: torch.Tensor, sl: slice, need_grad: bool):
-        return self.kernel(logits_cV, self.teacher_rows(sl), *self.params, need_grad, self.work, self.work)
+        return self.kernel(logits_cV, self.teacher_rows(sl), *self.params, need_grad, self.work, self.grad_dtype)
 
     def backward_chunk(self, logits_cV: torch.Tensor, sl: slice, grad_c: torch.Tensor) -> torch.Tensor:
+        # Row weights applied in the work dtype, before any rounding to the compute dtype.
         _, grad_cV = self.kernel(logits_cV, self.teacher_rows(sl), *self.params, True, self.work, self.work)
         return grad_cV.mul_(grad_c[:, None])
 
@@ -573,6 +609,7 @@ class _GatherOp:
     columns, floored at 1e-20 with no gradient there)."""
 
     eager = False
+    low_precision_input = False
 
     def __init__(self, ids_RK: torch.Tensor, temperature: float, gather: bool, tail: bool) -> None:
         self.ids_RK, self.temperature, self.gather, self.tail = ids_RK, temperature, gather, tail
@@ -637,7 +674,7 @@ def _rows_of(x: Logits, vocab: int, rows_R: torch.Tensor | None = None) -> Calla
         if rows_R is not None:
             hidden_NH = hidden_NH.index_select(0, rows_R)
         head = _Head(x.head, hidden_NH, vocab)
-        return lambda index: head.logits(hidden_NH[index])
+        return lambda index: head.logits(hidden_NH[index], upcast=False)  # readers upcast chunk by chunk
     flat_NV = x.detach().reshape(-1, x.shape[-1])
     if rows_R is not None:
         return lambda index: flat_NV[rows_R[index], :vocab]
