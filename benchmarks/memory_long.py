@@ -68,7 +68,7 @@ def _reset_peak() -> None:
         handle.write("5")
 
 
-def _loss_case(impl: str, vocab: int, tokens: int, dtype, generator):
+def _loss_case(impl: str, vocab: int, tokens: int, dtype, generator, chunk_size: int | None = None):
     """Inputs and a callable running one forward + backward of ``impl``."""
     import torch
 
@@ -88,7 +88,7 @@ def _loss_case(impl: str, vocab: int, tokens: int, dtype, generator):
         def run() -> None:
             student = HiddenLogits(student_h, LMHead(student_w))
             teacher = HiddenLogits(teacher_h, LMHead(teacher_w))
-            (per_token("jsd", student, teacher, beta=0.5).sum() / tokens).backward()
+            (per_token("jsd", student, teacher, beta=0.5, chunk_size=chunk_size).sum() / tokens).backward()
     elif impl == "opd_unfused":
         from opd.divergences import per_token
 
@@ -96,7 +96,8 @@ def _loss_case(impl: str, vocab: int, tokens: int, dtype, generator):
             student_logits = student_h @ student_w.t()
             with torch.no_grad():
                 teacher_logits = teacher_h @ teacher_w.t()
-            (per_token("jsd", student_logits, teacher_logits, beta=0.5).sum() / tokens).backward()
+            values = per_token("jsd", student_logits, teacher_logits, beta=0.5, chunk_size=chunk_size)
+            (values.sum() / tokens).backward()
     elif impl == "trl":
         os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
         from trl.experimental.gkd import GKDTrainer
@@ -174,11 +175,11 @@ def run_case(args: argparse.Namespace) -> dict:
     if args.kind == "loss":
         # Liger compiles its chunk function for static shapes: warm it up on a full 1024-row chunk.
         warm = min(args.tokens, 1024) if args.impl == "liger" else warm
-        run_warm, clear_warm = _loss_case(args.impl, args.vocab, warm, dtype, generator)
+        run_warm, clear_warm = _loss_case(args.impl, args.vocab, warm, dtype, generator, args.chunk_size)
         run_warm()
         clear_warm()
         del run_warm, clear_warm
-        run, clear = _loss_case(args.impl, args.vocab, args.tokens, dtype, generator)
+        run, clear = _loss_case(args.impl, args.vocab, args.tokens, dtype, generator, args.chunk_size)
     else:
         run_at = _step_case(args.impl, args.vocab, args.tokens, args.step_layers, topk=args.kind == "topk")
         run_at(warm)  # compiles, creates the optimizer state
@@ -202,6 +203,8 @@ def _spawn(kind: str, impl: str, vocab: int, tokens: int, args: argparse.Namespa
     cmd = [sys.executable, os.path.abspath(__file__), "--child", kind, "--impl", impl, "--vocab", str(vocab),
            "--tokens", str(tokens), "--threads", str(args.threads), "--dtype", args.dtype,
            "--mem-cap-gb", str(args.mem_cap_gb), "--step-layers", str(args.step_layers)]
+    if args.chunk_size:
+        cmd += ["--chunk-size", str(args.chunk_size)]
     row = {"impl": impl, "vocab": vocab, "tokens": tokens, "peak_mb": None, "seconds": None, "fits": False}
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
@@ -298,7 +301,9 @@ def main() -> None:
     parser.add_argument("--mem-cap-gb", type=float, default=12.0, help="memory a case may add (address space)")
     parser.add_argument("--timeout", type=float, default=1200.0, help="seconds per case")
     parser.add_argument("--step-layers", type=int, default=2, help="decoder layers of the step benchmark's model")
-    parser.add_argument("--no-step", action="store_true", help="skip the training-step and top-k parts")
+    parser.add_argument("--chunk-size", type=int, help="opd's rows per chunk (default: auto)")
+    parser.add_argument("--parts", nargs="*", choices=("loss", "step", "topk"),
+                        help="what to run (default: all three; --quick: loss)")
     parser.add_argument("--vocab", type=int, nargs="*", help="vocabularies (default: 151936 49152)")
     parser.add_argument("--tokens", type=int, nargs="*", help="completion lengths")
     parser.add_argument("--impls", nargs="*", choices=LOSS_IMPLS, help="loss implementations to run")
@@ -319,9 +324,12 @@ def main() -> None:
     rows: list = []
     step_rows: list = []
     topk_rows: list = []
-    _grid("loss", impls, vocabs, tokens, args, rows, "loss")
-    if not (args.quick or args.no_step):
+    parts = args.parts or (("loss",) if args.quick else ("loss", "step", "topk"))
+    if "loss" in parts:
+        _grid("loss", impls, vocabs, tokens, args, rows, "loss")
+    if "step" in parts:
         _grid("step", STEP_IMPLS, vocabs, tokens, args, step_rows, "step")
+    if "topk" in parts:
         _grid("topk", ("opd_fused",), vocabs[:1], tokens, args, topk_rows, "topk")
     summary = summarise(rows, step_rows, topk_rows, vocabs)
     for key, value in summary["targets"].items():

@@ -667,13 +667,19 @@ def _head_rows(x: HiddenLogits, rows_R: torch.Tensor, op: Any, vocab: int, chunk
                            torch.is_grad_enabled(), bool(inplace_backward))
 
 
-def _rows_of(x: Logits, vocab: int, rows_R: torch.Tensor | None = None) -> Callable[[Any], torch.Tensor]:
-    """``index -> [c, vocab]`` logits of x's flattened rows (compacted to ``rows_R`` when given), no grad."""
+def _rows_of(x: Logits, vocab: int, rows_R: torch.Tensor | None = None,
+             device: torch.device | None = None) -> Callable[[Any], torch.Tensor]:
+    """``index -> [c, vocab]`` logits of x's flattened rows (compacted to ``rows_R`` when given), no grad.
+
+    A teacher on another device than the student forms its chunks where its head lives and hands
+    each chunk over (``device``), so neither its hidden states nor its head are copied whole."""
     if isinstance(x, HiddenLogits):
         hidden_NH = _flat_hidden(x).detach()
         if rows_R is not None:
-            hidden_NH = hidden_NH.index_select(0, rows_R)
+            hidden_NH = hidden_NH.index_select(0, rows_R.to(hidden_NH.device))
         head = _Head(x.head, hidden_NH, vocab)
+        if device is not None and torch.device(device) != hidden_NH.device:
+            return lambda index: head.logits(hidden_NH[index], upcast=False).to(device)
         return lambda index: head.logits(hidden_NH[index], upcast=False)  # readers upcast chunk by chunk
     flat_NV = x.detach().reshape(-1, x.shape[-1])
     if rows_R is not None:
@@ -763,15 +769,15 @@ def per_token(
         rows_R = _kept_rows(mask, lead_shape, hidden_NH)
         work = _Head(student_logits.head, hidden_NH, 1).work
         kernel = _fused_kernel(fused, min(chunk_size, rows_R.numel()) * vocab_size, work, hidden_NH.device)
-        op = _DivergenceOp(_rows_of(teacher_logits, vocab_size, rows_R), kind, float(beta), float(alpha),
-                           float(temperature), kernel, work)
+        teacher_rows = _rows_of(teacher_logits, vocab_size, rows_R, hidden_NH.device)
+        op = _DivergenceOp(teacher_rows, kind, float(beta), float(alpha), float(temperature), kernel, work)
         values_N = _head_rows(student_logits, rows_R, op, vocab_size, chunk_size, inplace_backward)
         return values_N.reshape(lead_shape)
     student_NV = student_logits.reshape(-1, student_logits.shape[-1])
     rows_R = _kept_rows(mask, lead_shape, student_NV)
     values_N = _ChunkedDivergence.apply(
-        student_NV, _rows_of(teacher_logits, vocab_size), rows_R, kind, float(beta), float(alpha),
-        float(temperature), int(chunk_size), bool(inplace_backward), int(vocab_size), fused,
+        student_NV, _rows_of(teacher_logits, vocab_size, device=student_NV.device), rows_R, kind,
+        float(beta), float(alpha), float(temperature), int(chunk_size), bool(inplace_backward), int(vocab_size), fused,
     )
     return values_N.reshape(lead_shape)
 
