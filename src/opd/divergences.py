@@ -34,7 +34,9 @@ a constant (teachers are frozen, and a self-teacher is detached by design).
 
 **Memory.** Positions are processed in chunks of ``chunk_size`` rows (by default sized
 so one fp32 ``[chunk, V]`` tensor is ~64 MB): only one chunk's fp32 workspace is alive
-at a time. The gradient with
+at a time. Either side may instead be an :class:`opd.fused.HiddenLogits` (final hidden states and the
+output layer): each chunk's logits are then formed inside the loop and no ``[N, V]`` tensor exists
+at all, in forward or backward (see "Hidden states" below). The gradient with
 respect to the student logits is computed in the same pass (closed form, below)
 and written straight into a buffer of the logits' own dtype, so the backward pass
 is a single scaled copy and nothing is recomputed. Masked positions are never read.
