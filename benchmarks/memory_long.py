@@ -333,7 +333,7 @@ def main() -> None:
         _grid("topk", ("opd_fused",), vocabs[:1], tokens, args, topk_rows, "topk")
     summary = summarise(rows, step_rows, topk_rows, vocabs)
     for key, value in summary["targets"].items():
-        print(f"{key}: {value if isinstance(value, str) else f'{value:.3f}'}")
+        print(f"{key}: {f'{value:.3f}' if isinstance(value, float) else value}")
     for key, fit in {**summary["loss_fits"], **{f"step {k}": v for k, v in summary["step_fits"].items()}}.items():
         if fit["seconds"]:
             print(f"fit {key}: seconds = {fit['seconds']['intercept']:.2f} + {fit['seconds']['per_1k_tokens']:.3f} "

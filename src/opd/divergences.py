@@ -506,8 +506,7 @@ class _HeadRows(torch.autograd.Function):
         out_RD = torch.zeros((n_rows, *op.out_shape), dtype=head.work, device=hidden_NH.device)
         grads = _Grads(head, n_rows, hidden_NH, weight_VH, bias_V, needs) if eager else None
         op.grad_dtype = head.dtype if head.plain else head.work  # a kernel may emit dL/dz ready for the products
-        for start in range(0, n_rows, chunk):
-            sl = slice(start, min(start + chunk, n_rows))
+        for sl in _chunk_slices(n_rows, chunk):
             logits_cV = head.logits(hidden_RH[sl], upcast=not op.low_precision_input)
             value_c, grad_cV = op.forward_chunk(logits_cV, sl, eager)
             out_RD[sl] = value_c
@@ -571,10 +570,19 @@ class _HeadRows(torch.autograd.Function):
         return (grad_hidden, grad_weight, grad_bias) + none
 
 
+def _chunk_slices(rows: int, chunk: int) -> list[slice]:
+    """``ceil(rows / chunk)`` slices of near-equal size (at most ``chunk``): no 1-row tail, on which
+    the compiled kernel would specialise and recompile (sizes 0 and 1 are never symbolic)."""
+    count = -(-rows // chunk)
+    if count == 0:
+        return []
+    bounds = [rows * i // count for i in range(count + 1)]
+    return [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:])]
+
+
 def _recompute(op: Any, head: _Head, grads: _Grads, hidden_RH: torch.Tensor, grad_RD: torch.Tensor, chunk: int,
                hidden_rows: bool) -> None:
-    for start in range(0, hidden_RH.shape[0], chunk):
-        sl = slice(start, min(start + chunk, hidden_RH.shape[0]))
+    for sl in _chunk_slices(hidden_RH.shape[0], chunk):
         logits_cV = head.logits(hidden_RH[sl], upcast=not op.low_precision_input)
         grad_cV = op.backward_chunk(logits_cV, sl, grad_RD[sl])
         grads.add(sl, head.raw_grad_(grad_cV, logits_cV), hidden_RH[sl], hidden_rows=hidden_rows)
