@@ -314,3 +314,25 @@ def test_ddp_gradients_flow_to_the_head_weight(teacher, tmp_path):
                     torch.testing.assert_close(a.grad, b.grad, rtol=2e-4, atol=2e-5)
     finally:
         dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("recipe", ["on_policy_rkl", "sampled_token_opd", "topk_fkl"])
+def test_training_on_the_fused_path_equals_the_logits_path(tiny_setup, tmp_path, recipe):
+    """The fused path is the default: a run ends on the weights of the same run on materialised logits."""
+    from safetensors.torch import load_file
+
+    from conftest import base_overrides
+    from opd.config import load_config
+    from opd.trainer import train
+
+    runs = {}
+    for fused in (True, False):
+        out = tmp_path / f"fused-{fused}"
+        lines: list[str] = []
+        train(load_config(recipe, base_overrides(tiny_setup, out, **{
+            "loss.fused": fused, "data.eval": "null", "teacher.top_k": 5 if recipe == "topk_fkl" else "null"})),
+            log=lines.append)
+        assert not any("fused loss off" in line for line in lines), lines
+        runs[fused] = load_file(str(out / "final" / "model.safetensors"))
+    for key in runs[True]:
+        torch.testing.assert_close(runs[True][key], runs[False][key], rtol=1e-4, atol=1e-5)

@@ -31,9 +31,10 @@ from opd.data import Example, load_examples
 from opd.discriminator import Discriminator, DiscriminatorReward, DiscriminatorTrainer
 from opd.errors import OpdError
 from opd.eval import Evaluator, reference_nll, resolve_first_error, resolve_scorer
+from opd.fused import FusedUnsupported, check_fused, completion_hidden
 from opd.hooks import Hooks
 from opd.losses import OBJECTIVES, Objective, WithEntropyGatedForwardKL
-from opd.models import add_lora, disable_dropout, load_causal_lm, load_tokenizer, shared_vocab_size
+from opd.models import add_lora, completion_logits, disable_dropout, load_causal_lm, load_tokenizer, shared_vocab_size
 from opd.rollout import (
     AdaptiveOffPolicy,
     AdaptiveRollouts,
@@ -77,6 +78,9 @@ class Run:
     student_flops_per_token: float  # 2 N, N = the student's parameters
     counters: dict[str, float] = field(default_factory=dict)  # compute spent before step 1
     teachers: dict[str, Teacher] = field(default_factory=dict)  # every teacher model called ("" = the main one)
+    # The student's forward at the completion positions: hidden states + head (the fused path,
+    # opd.fused.completion_hidden) or logits (opd.models.completion_logits).
+    student_forward: Any = completion_logits
 
 
 def build_objective(config: RunConfig, vocab_size: int) -> Objective:
@@ -238,8 +242,36 @@ def build_run(config: RunConfig, accelerator: Any, log: Any = None) -> Run:
         seed=config.train.seed + 7919,
     )
     teachers = {name: t for name, t in {"": teacher, **routed}.items() if t is not None}
-    return Run(tokenizer, student, scorer, build_objective(config, vocab_size), rollouts, hooks, evaluator,
-               vocab_size, 2.0 * sum(p.numel() for p in student.parameters()), counters, teachers)
+    objective = build_objective(config, vocab_size)
+    fused = _fused_path(config, student, objective, log)
+    if fused and isinstance(teacher, LocalTeacher) and not routed and not config.teacher.shard:
+        # (a sharded teacher frees its head's weights after each forward; routed signals are merged as logits)
+        for local in (teacher, reference):
+            if local is not None:
+                with local.precision():  # a teacher computing in bf16 is checked as it runs
+                    local.fused = _fused_path(config, local.model, objective, log, what="teacher")
+    return Run(tokenizer, student, scorer, objective, rollouts, hooks, evaluator,
+               vocab_size, 2.0 * sum(p.numel() for p in student.parameters()), counters, teachers,
+               completion_hidden if fused else completion_logits)
+
+
+def _fused_path(config: RunConfig, model: torch.nn.Module, objective: Objective, log: Any,
+                what: str = "student") -> bool:
+    """Whether ``model``'s divergences run from its hidden states (``loss.fused``), after checking once
+    that hidden states @ head reproduce its logits; otherwise one line says why not."""
+    if not config.loss.fused or not getattr(objective, "fused", True):
+        return False
+    if config.train.resolved_distributed() == "deepspeed" and config.train.zero_stage == 3:
+        if log is not None and what == "student":
+            log("fused loss off: DeepSpeed ZeRO-3 releases the LM head's weights after each forward")
+        return False
+    try:
+        check_fused(model)
+    except FusedUnsupported as exc:
+        if log is not None:
+            log(f"fused loss off for the {what}: {exc}")
+        return False
+    return True
 
 
 def fresh_student(config: RunConfig) -> torch.nn.Module:

@@ -230,6 +230,11 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name[len(_PREFIX) :]))
 
 
+def save_student_weights(path: Path, model: torch.nn.Module) -> None:
+    """A data-parallel student's weights as ``path/model.safetensors`` (one name per shared tensor)."""
+    save_model(model, str(path / "model.safetensors"))
+
+
 def load_student_weights(path: Path, model: torch.nn.Module) -> None:
     """A data-parallel checkpoint's ``model.safetensors`` into ``model`` (tied aliases allowed)."""
     missing, unexpected = load_model(model, str(path / "model.safetensors"), strict=False)

@@ -322,6 +322,12 @@ class LossConfig(_Section):
     chunk_size: int | None = Field(
         None, ge=1, description="Positions per chunk in the loss (null: sized so one fp32 [chunk, V] tensor is ~64 MB)."
     )
+    fused: bool = Field(
+        True, description="Compute every divergence from the final hidden states and the LM head, one chunk of "
+        "logits at a time, for the student and a local teacher (opd.fused): [B, T, V] logits never exist. Checked "
+        "against the model's own logits once at start-up; a model it cannot reproduce, loss.objective=uld, "
+        "DeepSpeed ZeRO-3 and a sharded or routed teacher use the logits path. false = the logits path everywhere.",
+    )
 
 
 class OptimConfig(_Section):

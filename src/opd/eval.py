@@ -127,7 +127,8 @@ def evaluate(
                 student_logits = completion_logits(
                     student, batch.input_ids_BT.to(device), batch.attention_mask_BT.to(device), batch.completion_len
                 )
-                teacher_logits = teacher.score(batch).require_logits("the teacher divergence").to(device)
+                # (a fused teacher's hidden states stay where they are; its chunks move one at a time)
+                teacher_logits = teacher.score(batch).to(device).require_logits("the teacher divergence")
                 values = divergences.per_token(
                     divergence_kind,
                     student_logits,

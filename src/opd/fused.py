@@ -208,6 +208,9 @@ def _capture_head_input(layer: torch.nn.Module, sink: dict[str, Any]) -> Iterato
     def passthrough(hidden: torch.Tensor) -> torch.Tensor:
         device_type = hidden.device.type
         sink["hidden"] = hidden
+        # The weight as the forward sees it: under FSDP2 the unsharded tensor of this forward, not the
+        # sharded parameter outside it (its gradient then reaches FSDP's reduce-scatter as usual).
+        sink["weight"], sink["bias"] = layer.weight, layer.bias
         sink["autocast"] = (torch.get_autocast_dtype(device_type)
                             if torch.is_autocast_enabled(device_type) else None)
         return hidden[..., :0] + layer.weight[:0].sum().to(hidden.dtype)
@@ -252,8 +255,9 @@ def completion_hidden(
     if hidden_BCH.shape[1] != completion_len:
         # Models that ignore logits_to_keep hand the head every position; keep the last ones.
         hidden_BCH = hidden_BCH[:, -completion_len:]
-    compute = sink["autocast"] or torch.promote_types(hidden_BCH.dtype, head.weight_VH.dtype)
-    return HiddenLogits(hidden_BCH, dataclasses.replace(head, compute_dtype=compute))
+    compute = sink["autocast"] or torch.promote_types(hidden_BCH.dtype, sink["weight"].dtype)
+    return HiddenLogits(hidden_BCH, dataclasses.replace(head, weight_VH=sink["weight"], bias_V=sink["bias"],
+                                                        compute_dtype=compute))
 
 
 @torch.no_grad()

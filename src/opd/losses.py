@@ -34,6 +34,9 @@ if TYPE_CHECKING:  # the config validates objective names against OBJECTIVES, so
 
 
 class Objective(Protocol):
+    """``fused`` (default True when absent): it also takes the student as hidden states and head
+    (:class:`opd.fused.HiddenLogits`) instead of logits."""
+
     form: str | None  # what it reads from the teacher signal (FORM_*), None: something else or nothing
 
     def __call__(self, student_logits_BCV: torch.Tensor, signal: TeacherSignal, batch: SequenceBatch, *,
@@ -287,6 +290,7 @@ class CrossTokenizer:
     beta: float
     common: Common
     form: str | None = None
+    fused = False  # merges rows of the student's full log-softmax: needs the logits themselves
 
     def __call__(self, student_logits_BCV: torch.Tensor, signal: TeacherSignal, batch: SequenceBatch, *,
                  step: int, num_tokens: float) -> tuple[torch.Tensor, dict[str, float]]:

@@ -135,24 +135,14 @@ def sequence_nll(
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Cross-entropy on the given tokens (SeqKD, Kim & Rush 2016, on teacher text).
 
-    Computed chunk by chunk over valid positions so no full fp32 ``[B, C, V]``
-    log-softmax is materialised.
+    The tokens' log-probs come from :func:`token_logprobs` (chunked, so no full fp32 ``[B, C, V]``
+    log-softmax exists; with hidden states and the head, no ``[B, C, V]`` logits either).
     """
-    vocab = vocab_size or student_logits_BCV.shape[-1]
-    chunk_size = chunk_size or divergences.auto_chunk_size(vocab)
-    logits_NV = student_logits_BCV.reshape(-1, student_logits_BCV.shape[-1])
-    targets_N = target_ids_BC.reshape(-1)
-    rows = mask_BC.reshape(-1).bool().nonzero().squeeze(-1)
-    total = logits_NV.new_zeros((), dtype=torch.promote_types(logits_NV.dtype, torch.float32))
-    for start in range(0, rows.numel(), chunk_size):
-        idx = rows[start : start + chunk_size]
-        chunk = logits_NV[idx, :vocab].to(total.dtype) / temperature
-        total = total + torch.nn.functional.cross_entropy(chunk, targets_N.index_select(0, idx), reduction="sum")
-    if rows.numel() == 0:
-        # Keep the graph connected so backward works and yields zero gradients.
-        total = total + 0.0 * logits_NV.sum()
+    lp_BC = token_logprobs(student_logits_BCV, target_ids_BC, temperature=temperature, vocab_size=vocab_size,
+                           chunk_size=chunk_size)
+    total = -(lp_BC * mask_BC).sum()  # masked rows contribute 0 but stay in the graph (finite zero gradient)
     loss = total / _normaliser(num_tokens)
-    return loss, {"loss/nll_sum": float(total.detach().item()), "loss/tokens": float(rows.numel())}
+    return loss, {"loss/nll_sum": float(total.detach().item()), "loss/tokens": float(mask_BC.sum().item())}
 
 
 def token_logprobs(

@@ -82,9 +82,9 @@ class Parallel(abc.ABC):
     def save(self, folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
         """Write the student's weights and optimizer state into ``folder`` (called on every process)."""
         if self.accelerator.is_main_process:
-            from safetensors.torch import save_model
+            from opd.checkpoint import save_student_weights
 
-            save_model(self.module(model), str(folder / "model.safetensors"))
+            save_student_weights(folder, self.module(model))
             torch.save(optimizer.state_dict(), folder / "optimizer.pt")
 
     def load(self, folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:

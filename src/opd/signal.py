@@ -49,7 +49,7 @@ class CrossTokenizerView:
 class TeacherSignal:
     """A teacher's feedback on one micro-batch (rows and completion positions as in the batch)."""
 
-    logits_BCV: torch.Tensor | None = None
+    logits_BCV: Any = None  # Tensor [B, C, V], or opd.fused.HiddenLogits (hidden states + the teacher's head)
     token_logprobs_BC: torch.Tensor | None = None
     topk_logprobs_BCK: torch.Tensor | None = None
     topk_ids_BCK: torch.Tensor | None = None
@@ -165,7 +165,7 @@ def _move(value: Any, device: torch.device | str) -> Any:
 
 
 def _pick(value: Any, index: torch.Tensor) -> Any:
-    if isinstance(value, torch.Tensor):
+    if isinstance(value, torch.Tensor) or hasattr(value, "hidden_BCH"):  # logits, or hidden states + head
         return value.index_select(0, index.to(value.device))
     if isinstance(value, TeacherSignal):
         return value.select(index.tolist())

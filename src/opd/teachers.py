@@ -134,6 +134,9 @@ class LocalTeacher(Teacher):
         self.model.requires_grad_(False)
         self.compute_dtype: torch.dtype | None = None  # set by compute_in: every call runs under autocast
         self.flops_per_token = 2.0 * sum(p.numel() for p in model.parameters())
+        # True (set by the builder once opd.fused.check_fused passed): score() hands back final hidden
+        # states + head, whose logits the loss forms a chunk at a time.
+        self.fused = False
 
     def compute_in(self, dtype: torch.dtype) -> None:
         """Compute in ``dtype`` (``train.mixed_precision``): the weights of the plain linear layers are
@@ -175,17 +178,20 @@ class LocalTeacher(Teacher):
         return teacher
 
     @torch.no_grad()
-    def logits(self, batch: SequenceBatch) -> torch.Tensor:
+    def logits(self, batch: SequenceBatch) -> Any:
         """Teacher logits ``[B, C, V_teacher]`` at the positions predicting the completion (behind
-        its own chat template when that differs from the student's)."""
+        its own chat template when that differs from the student's) — or, when ``fused``, its final
+        hidden states there with its head (:class:`opd.fused.HiddenLogits`, the same logits unmade)."""
+        from opd.fused import completion_hidden
+
         device = next(self.model.parameters()).device
         prompts = own_template_prompts(batch, self.tokenizer, self.student_template)
         if prompts is not None:
             batch = _with_prompts(batch, prompts, self.tokenizer.pad_token_id or 0)
+        forward = completion_hidden if self.fused else completion_logits
         with self.precision():
-            return completion_logits(
-                self.model, batch.input_ids_BT.to(device), batch.attention_mask_BT.to(device), batch.completion_len
-            )
+            return forward(self.model, batch.input_ids_BT.to(device), batch.attention_mask_BT.to(device),
+                           batch.completion_len)
 
     def score(self, batch: SequenceBatch) -> TeacherSignal:
         return TeacherSignal(logits_BCV=self.logits(batch))

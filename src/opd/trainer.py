@@ -40,7 +40,6 @@ from opd.build import Run, build_run
 from opd.config import RunConfig, dump_config
 from opd.errors import OpdError, RunDirError
 from opd.metrics import MetricsLogger
-from opd.models import completion_logits
 from opd.parallel import DataParallel, DeepSpeedZeRO, FullyShardedFSDP2, Parallel, deepspeed_accelerator_kwargs
 from opd.teachers import pop_teacher_stats
 
@@ -218,8 +217,8 @@ def _train_steps(config: RunConfig, run: Run, parallel: Parallel, model: Any, op
                 with accelerator.autocast():
                     signal = run.teacher.score(batch).to(device)
                 t1 = time.perf_counter()
-                student_logits = completion_logits(model, batch.input_ids_BT.to(device),
-                                                   batch.attention_mask_BT.to(device), batch.completion_len)
+                student_logits = run.student_forward(model, batch.input_ids_BT.to(device),
+                                                     batch.attention_mask_BT.to(device), batch.completion_len)
                 loss, loss_metrics = run.objective(student_logits, signal, batch, step=step, num_tokens=step_tokens)
                 for key, value in {**signal.metrics, **loss_metrics}.items():
                     loss_sums[key] = loss_sums.get(key, 0.0) + value
