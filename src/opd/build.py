@@ -38,6 +38,7 @@ from opd.models import add_lora, completion_logits, disable_dropout, load_causal
 from opd.rollout import (
     AdaptiveOffPolicy,
     AdaptiveRollouts,
+    AsyncRollouts,
     BehaviourPolicy,
     CoSampler,
     DatasetAnswers,
@@ -45,8 +46,10 @@ from opd.rollout import (
     PolicyRollouts,
     Rollouts,
     SamplingParams,
+    SnapshotSampler,
     StudentSampler,
     TeacherAnswers,
+    stop_token_ids,
 )
 from opd.teachers import (
     CrossTokenizerTeacher,
@@ -309,21 +312,31 @@ def _build_rollouts(config: RunConfig, accelerator: Any, tokenizer: Any, student
         return CachedRollouts(cache, tokenizer.pad_token_id, train.seed, rank, world, train.batch_size,
                               train.grad_accum, steps)
     rollout = config.rollout
-    if rollout.engine == "vllm":
+    dtype = rollout.vllm_dtype
+    if dtype == "auto":
+        # Sample in the precision the student's forward runs in: under bf16 autocast a float32
+        # sampler would cost twice the memory traffic per token for no closer match.
+        dtype = {"bf16": "bfloat16", "fp16": "float16"}.get(train.mixed_precision, config.model.dtype)
+    max_model_len = min(config.data.max_prompt_tokens + rollout.max_new_tokens,
+                        getattr(student.config, "max_position_embeddings", None) or 1 << 30)
+    if rollout.engine == "vllm_server":
+        from opd.rollout_server import VLLMServerSampler
+
+        sampler: Any = VLLMServerSampler(
+            rollout, model_dir=config.model.student, tokenizer=tokenizer, eos_ids=stop_token_ids(student, tokenizer),
+            output_rows=student.get_output_embeddings().weight.shape[0], max_model_len=max_model_len, dtype=dtype,
+            accelerator=accelerator, log=log)
+    elif rollout.engine == "vllm":
         from opd.vllm_engine import VLLMSampler
 
-        dtype = rollout.vllm_dtype
-        if dtype == "auto":
-            # Sample in the precision the student's forward runs in: under bf16 autocast a float32
-            # sampler would cost twice the memory traffic per token for no closer match.
-            dtype = {"bf16": "bfloat16", "fp16": "float16"}.get(train.mixed_precision, config.model.dtype)
-        sampler: Any = VLLMSampler(
+        sampler = VLLMSampler(
             config.model.student, student=student, dtype=dtype, seed=train.seed, kv_cache_gb=rollout.vllm_kv_cache_gb,
-            max_model_len=min(config.data.max_prompt_tokens + rollout.max_new_tokens,
-                              getattr(student.config, "max_position_embeddings", None) or 1 << 30),
-            tokenizer=config.model.tokenizer, sync_every=rollout.weight_sync_every, processes=world, log=log)
+            max_model_len=max_model_len, tokenizer=config.model.tokenizer, sync_every=rollout.weight_sync_every,
+            processes=world, log=log)
     elif rollout.sampler != "student":
         sampler = CoSampler(teacher, tokenizer, rollout.sampler, rollout.mixture_alpha, rollout.speculative_top_k)
+    elif rollout.async_steps:
+        sampler = SnapshotSampler(tokenizer)  # its own copy of the weights, decoded beside training
     else:
         sampler = StudentSampler(tokenizer)
     off_policy = DatasetAnswers(rollout.max_new_tokens) if rollout.off_policy_source == "dataset" else \
@@ -339,7 +352,10 @@ def _build_rollouts(config: RunConfig, accelerator: Any, tokenizer: Any, student
 
         return AdaptiveRollouts(policy, stream, train.batch_size, train.grad_accum, steps, AdaptiveOffPolicy(rollout),
                                 validation_loss, train.eval_every, precision=accelerator.autocast, log=log)
-    return PolicyRollouts(policy, stream, train.batch_size, train.grad_accum, steps, precision=accelerator.autocast)
+    rollouts = PolicyRollouts(policy, stream, train.batch_size, train.grad_accum, steps, precision=accelerator.autocast)
+    if rollout.async_steps:
+        return AsyncRollouts(rollouts, rollout.async_steps, sampler, train.seed, rank, rollout.weight_sync_every)
+    return rollouts
 
 
 def _check_routes(config: RunConfig, examples: list[Example], routed: dict[str, Any]) -> None:

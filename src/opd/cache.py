@@ -164,8 +164,12 @@ class CachedRollouts(Rollouts):
         self.cache = cache
         self.pad_id = pad_id
 
-    def micro_batch(self, student: torch.nn.Module, step: int, rows: list[Any]
-                    ) -> tuple[SequenceBatch, dict[str, float]]:
+    @property
+    def max_new_tokens(self) -> int:
+        return int(self.cache.settings.get("max_new_tokens", 0))
+
+    def micro_batch(self, student: torch.nn.Module, step: int, rows: list[Any],
+                    generator: torch.Generator | None = None) -> tuple[SequenceBatch, dict[str, float]]:
         batch = self.cache.batch(rows, self.pad_id)
         return batch, {"rollout/cached_fraction": 1.0, "rollout/completion_tokens_mean": batch.num_tokens / len(rows)}
 

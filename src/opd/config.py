@@ -214,10 +214,42 @@ class RolloutConfig(_Section):
         0.1, ge=0.0, description="phi rises when validation loss >= the last recorded value + this."
     )
     replay_buffer_size: int = Field(1000, ge=1, description="Student samples kept for replay (FIFO).")
-    engine: Literal["hf", "vllm"] = Field(
+    engine: Literal["hf", "vllm", "vllm_server"] = Field(
         "hf", description="Student generation engine: `hf` (the transformers model, decoded with its KV cache by "
-        "opd's sampling loop) or `vllm` (in-process vLLM, `pip install 'opd[vllm]'`). Both return sampler log-probs "
-        "for importance weights.",
+        "opd's sampling loop), `vllm` (in-process vLLM, `pip install 'opd[vllm]'`, one process) or `vllm_server` "
+        "(a vLLM OpenAI server shared by every trainer rank, started by opd on 127.0.0.1 or reached at "
+        "rollout.url; rank 0 pushes the student's weights into it). All return sampler log-probs for "
+        "importance weights.",
+    )
+    url: str | None = Field(
+        None, description="vllm_server: base URL of a running vLLM server with the student's architecture, started "
+        "with VLLM_SERVER_DEV_MODE=1, --logprobs-mode processed_logprobs and --worker-extension-cls "
+        "opd.vllm_worker.WeightPush (null: opd starts one on 127.0.0.1 from model.student).",
+    )
+    served_model: str | None = Field(None, description="vllm_server: model name for requests (default: the "
+                                      "server's first model).")
+    api_key_env: str | None = Field(
+        "OPD_ROLLOUT_API_KEY", description="vllm_server: environment variable holding the server's API key (opd "
+        "starts its server with it when set; sent as a Bearer token; never stored).",
+    )
+    server_args: list[str] = Field(
+        default_factory=list, description="vllm_server: extra arguments for the server opd starts (e.g. "
+        "[\"--tensor-parallel-size\", \"2\"]).",
+    )
+    server_cpus: str | None = Field(
+        None, description="vllm_server: CPUs for the server opd starts (taskset list, e.g. `0` or `0-3`), so "
+        "rollouts and training do not compete for the same cores.",
+    )
+    server_start_timeout_s: float = Field(600.0, gt=0.0, description="vllm_server: seconds to wait for the server "
+                                          "opd starts to answer.")
+    server_timeout_s: float = Field(600.0, gt=0.0, description="vllm_server: seconds to wait for one request.")
+    server_retries: int = Field(3, ge=0, description="vllm_server: retries of a failed request.")
+    request_concurrency: int = Field(64, ge=1, description="vllm_server: requests in flight per process.")
+    async_steps: Literal[0, 1, 2] = Field(
+        0, description="Asynchronous rollouts: the rollouts of step t are written while step t-1 (and t-2) train, "
+        "by a sampler with its own copy of the weights (the vLLM server, or a snapshot of the student for the hf "
+        "engine), so they come from a policy up to async_steps updates old (logged as rollout/policy_lag; "
+        "corrected by the importance ratio, see loss.importance_cap). 0 = synchronous.",
     )
     weight_sync_every: int = Field(
         1, ge=1, description="vllm engine: push the student's weights every N optimizer steps; in between the "
@@ -321,6 +353,15 @@ class LossConfig(_Section):
     alpha: float = Field(0.1, ge=0.0, le=1.0, description="Skew of the DistiLLM skew KLs.")
     chunk_size: int | None = Field(
         None, ge=1, description="Positions per chunk in the loss (null: sized so one fp32 [chunk, V] tensor is ~64 MB)."
+    )
+    importance_cap: float | None = Field(
+        None, gt=0.0, description="Truncated importance sampling: the ratio q_theta / pi_sampler of the policy-"
+        "gradient objectives (sampled_token_pg, kdrl, gad) is capped at this value, as a constant weight on "
+        "grad log q_theta (null = uncapped). For stale rollouts (rollout.async_steps, weight_sync_every > 1).",
+    )
+    divergence_importance: bool = Field(
+        False, description="Token-level divergences: weight each position by min(q_theta / pi_sampler, "
+        "importance_cap) of its sampled token (a per-token correction for stale rollouts; needs importance_cap).",
     )
     fused: bool = Field(
         True, description="Compute every divergence from the final hidden states and the LM head, one chunk of "
@@ -496,6 +537,19 @@ class RunConfig(_Section):
             if self.train.save_every and self.train.save_every % rollout.weight_sync_every:
                 raise ValueError("with rollout.engine=vllm, train.save_every must be a multiple of "
                                  "rollout.weight_sync_every so a resumed run sees the same sampler weights")
+        if rollout.async_steps:
+            if rollout.engine == "vllm" or rollout.sampler != "student" or rollout.adaptive_off_policy \
+                    or self.teacher.kind == "cache":
+                raise ValueError("rollout.async_steps needs a sampler that runs beside training with its own weights: "
+                                 "rollout.engine=vllm_server or hf, rollout.sampler=student, no adaptive schedule "
+                                 "or cache")
+            if self.train.resolved_distributed() != "ddp" and rollout.engine == "hf":
+                raise ValueError("rollout.async_steps with the hf engine keeps a full copy of the student per process; "
+                                 "with train.distributed=fsdp / deepspeed use rollout.engine=vllm_server")
+        if rollout.engine == "vllm_server" and rollout.sampler != "student":
+            raise ValueError("rollout.engine=vllm_server samples the student alone; use rollout.sampler=student")
+        if loss.divergence_importance and loss.importance_cap is None:
+            raise ValueError("loss.divergence_importance weights by the capped ratio; set loss.importance_cap")
         distributed = self.train.resolved_distributed()
         if distributed != "ddp":
             if rollout.engine == "vllm":

@@ -20,8 +20,9 @@ class Hooks:
     loadable with ``torch.load(weights_only=True)``) comes back through ``load_state_dict``.
     """
 
-    def start(self) -> None:
-        """Called once before the first step (after a resume restored the student)."""
+    def start(self, student: Any = None) -> None:
+        """Called once before the first step, after a resume restored the student. ``student``
+        (:class:`opd.parallel.StudentWeights`) reaches its current weights, for parts that hold a copy."""
 
     def after_step(self, step: int, stepped: bool) -> dict[str, float]:
         """Called after every optimizer step (``stepped``: False when a non-finite step was skipped);

@@ -88,14 +88,22 @@ class TokenDivergence:
     beta: float
     alpha: float
     common: Common
+    importance_cap: float | None = None  # loss.divergence_importance: weight positions by the capped ratio
     form: str | None = FORM_LOGITS
 
     def __call__(self, student_logits_BCV: torch.Tensor, signal: TeacherSignal, batch: SequenceBatch, *,
                  step: int, num_tokens: float) -> tuple[torch.Tensor, dict[str, float]]:
-        _, mask_BC, _ = _completion(batch, student_logits_BCV.device)
+        ids_BC, mask_BC, sampler_BC = _completion(batch, student_logits_BCV.device)
+        weights_BC = None
+        if self.importance_cap is not None and sampler_BC is not None:
+            with torch.no_grad():
+                current_BC = objectives.token_logprobs(student_logits_BCV, ids_BC, **self.common.kwargs())
+                weights_BC = objectives.importance_ratio(
+                    current_BC, objectives._sampler_or_current(sampler_BC, current_BC), self.importance_cap)
         return objectives.token_divergence(
             student_logits_BCV, signal.require_logits("loss.objective=divergence"), mask_BC, kind=self.kind,
-            num_tokens=num_tokens, beta=self.beta, alpha=self.alpha, route_B=signal.route_B, **self.common.kwargs(),
+            num_tokens=num_tokens, beta=self.beta, alpha=self.alpha, route_B=signal.route_B, weights_BC=weights_BC,
+            **self.common.kwargs(),
         )
 
 
@@ -127,7 +135,8 @@ def _divergence(config: Any, vocab_size: int) -> Objective:
     loss, common = config.loss, Common.of(config, vocab_size)
     if config.teacher.top_k is not None:
         return TopKDivergence(loss.divergence, config.teacher.top_k, loss.topk_support, loss.beta, loss.alpha, common)
-    return TokenDivergence(loss.divergence, loss.beta, loss.alpha, common)
+    return TokenDivergence(loss.divergence, loss.beta, loss.alpha, common,
+                           loss.importance_cap if loss.divergence_importance else None)
 
 
 @dataclass(frozen=True)
@@ -161,6 +170,7 @@ class SampledTokenPG:
     gamma: float
     reward_scale: float
     common: Common
+    importance_cap: float | None = None
     form: str | None = FORM_TOKEN_LOGPROBS
 
     def __call__(self, student_logits_BCV: torch.Tensor, signal: TeacherSignal, batch: SequenceBatch, *,
@@ -173,14 +183,16 @@ class SampledTokenPG:
         return objectives.sampled_token_pg(
             student_logits_BCV, signal.token_logprobs(ids_BC, **kw), ids_BC, mask_BC, num_tokens=num_tokens,
             estimator=self.estimator, gamma=self.gamma, sampler_logprobs_BC=sampler_BC,
-            reward_scale=self.reward_scale, reference_logprobs_BC=reference_BC, route_B=signal.route_B, **kw,
+            reward_scale=self.reward_scale, reference_logprobs_BC=reference_BC, route_B=signal.route_B,
+            importance_cap=self.importance_cap, **kw,
         )
 
 
 @register("sampled_token_pg")
 def _sampled_token_pg(config: Any, vocab_size: int) -> Objective:
     loss = config.loss
-    return SampledTokenPG(loss.estimator, loss.gamma, loss.reward_scale, Common.of(config, vocab_size))
+    return SampledTokenPG(loss.estimator, loss.gamma, loss.reward_scale, Common.of(config, vocab_size),
+                          loss.importance_cap)
 
 
 @dataclass(frozen=True)
@@ -238,7 +250,7 @@ class KDRL:
         loss, metrics = objectives.kdrl(
             student_logits_BCV, signal.token_logprobs(ids_BC, **kw), ids_BC, mask_BC, advantages_B,
             num_tokens=num_tokens, kd_coef=coef, kd_estimator=self.loss_cfg.kd_estimator, kd_mask_B=kd_mask_B,
-            sampler_logprobs_BC=sampler_BC, route_B=signal.route_B, **kw,
+            sampler_logprobs_BC=sampler_BC, route_B=signal.route_B, importance_cap=self.loss_cfg.importance_cap, **kw,
         )
         metrics["reward/outcome"] = float(rewards_B.mean().item())
         metrics["loss/kd_coef"] = coef
@@ -257,6 +269,7 @@ class DiscriminatorPG:
 
     warmup_steps: int
     common: Common
+    importance_cap: float | None = None
     form: str | None = None
 
     def __call__(self, student_logits_BCV: torch.Tensor, signal: TeacherSignal, batch: SequenceBatch, *,
@@ -269,7 +282,7 @@ class DiscriminatorPG:
         advantages_B = objectives.group_advantages(rewards_B, batch.group_B.to(device))
         loss, _, metrics = objectives.sequence_reward_pg(
             student_logits_BCV, ids_BC, mask_BC, advantages_B, num_tokens=num_tokens, sampler_logprobs_BC=sampler_BC,
-            **self.common.kwargs(),
+            importance_cap=self.importance_cap, **self.common.kwargs(),
         )
         metrics["reward/discriminator"] = float(rewards_B.mean().item())
         if step <= self.warmup_steps:
@@ -279,7 +292,8 @@ class DiscriminatorPG:
 
 @register("gad")
 def _gad(config: Any, vocab_size: int) -> Objective:
-    return DiscriminatorPG(config.loss.discriminator_warmup_steps, Common.of(config, vocab_size))
+    return DiscriminatorPG(config.loss.discriminator_warmup_steps, Common.of(config, vocab_size),
+                           config.loss.importance_cap)
 
 
 @dataclass(frozen=True)

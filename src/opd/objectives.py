@@ -34,6 +34,27 @@ def _route_metrics(values_BC: torch.Tensor, mask_BC: torch.Tensor, route_B: list
     return out
 
 
+def importance_ratio(student_lp_BC: torch.Tensor, sampler_lp_BC: torch.Tensor,
+                     cap: float | None = None) -> torch.Tensor:
+    """``q_theta / pi_sampler`` per token. With ``cap`` it is truncated importance sampling: the value
+    is ``min(ratio, cap)`` and the gradient ``min(ratio, cap) * grad log q_theta`` (the capped weight is
+    a constant), so a stale or mismatched sampler cannot blow a step up."""
+    if cap is None:
+        return torch.exp(student_lp_BC - sampler_lp_BC)
+    weight_BC = torch.exp(student_lp_BC.detach() - sampler_lp_BC).clamp(max=cap)
+    return weight_BC * torch.exp(student_lp_BC - student_lp_BC.detach())
+
+
+def _capped_sum(student_lp_BC: torch.Tensor, sampler_lp_BC: torch.Tensor, mask_BC: torch.Tensor,
+                cap: float | None) -> dict[str, float]:
+    """How often the cap binds (design.md: log how often a truncation is active)."""
+    if cap is None:
+        return {}
+    with torch.no_grad():
+        capped = ((student_lp_BC.detach() - sampler_lp_BC) > torch.log(torch.tensor(cap))).float() * mask_BC
+    return {"loss/importance_capped_sum": float(capped.sum().item())}
+
+
 def _sampler_or_current(sampler_lp_BC: torch.Tensor | None, current_lp_BC: torch.Tensor) -> torch.Tensor:
     """The sampling policy's log-probs; where unknown (None / NaN rows) the current weights'."""
     current = current_lp_BC.detach()
@@ -55,8 +76,12 @@ def token_divergence(
     chunk_size: int | None = None,
     vocab_size: int | None = None,
     route_B: list[str] | None = None,
+    weights_BC: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Token-level distillation: sum over positions of D(p_T(.|y<t) || p_S(.|y<t)) / num_tokens.
+
+    ``weights_BC`` (constants) scale each position's divergence, e.g. a capped importance ratio for
+    rollouts from a stale policy (``loss.divergence_importance``).
 
     This is the per-token objective of GKD (arXiv 2306.13649, Eq. 2) for any
     divergence in :mod:`opd.divergences`; with student-written ``y`` it is on-policy
@@ -73,7 +98,7 @@ def token_divergence(
         chunk_size=chunk_size,
         vocab_size=vocab_size,
     )
-    total = values_BC.sum()
+    total = values_BC.sum() if weights_BC is None else (values_BC * weights_BC).sum()
     loss = total / _normaliser(num_tokens)
     count = float(mask_BC.sum().item())
     metrics = {
@@ -189,6 +214,7 @@ def sampled_token_pg(
     reward_scale: float = 1.0,
     reference_logprobs_BC: torch.Tensor | None = None,
     route_B: list[str] | None = None,
+    importance_cap: float | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Sampled-token on-policy distillation as an importance-sampled policy gradient.
 
@@ -238,7 +264,7 @@ def sampled_token_pg(
             rewards_BC = -divergences.sampled_token(estimator, current_BC, teacher_logprobs_BC)
         advantages_BC = discounted_returns(rewards_BC, mask_BC, gamma)
         k1_BC = divergences.sampled_token("k1", current_BC, teacher_logprobs_BC)
-    ratio_BC = torch.exp(student_lp_BC - sampler_lp_BC)
+    ratio_BC = importance_ratio(student_lp_BC, sampler_lp_BC, importance_cap)
     total = -(ratio_BC * advantages_BC * mask_BC).sum()
     loss = total / _normaliser(num_tokens)
     count = float(mask_BC.sum().item())
@@ -247,6 +273,7 @@ def sampled_token_pg(
         "teacher/reverse_kl_k1_sum": float((k1_BC * mask_BC).sum().item()),
         "loss/tokens": count,
         **_route_metrics(k1_BC, mask_BC, route_B),
+        **_capped_sum(student_lp_BC, sampler_lp_BC, mask_BC, importance_cap),
     }
     return loss, metrics
 
@@ -384,6 +411,7 @@ def sequence_reward_pg(
     vocab_size: int | None = None,
     sampler_logprobs_BC: torch.Tensor | None = None,
     chunk_size: int | None = None,
+    importance_cap: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
     """GRPO-style policy gradient on a sequence-level advantage broadcast to every token:
     ``-sum_{i,t} rho_{i,t} A_i / num_tokens`` with ``rho = q_theta / q_sampler`` (1 on-policy).
@@ -391,9 +419,10 @@ def sequence_reward_pg(
     student_lp_BC = token_logprobs(student_logits_BCV, ids_BC, temperature=temperature,
                                    vocab_size=vocab_size, chunk_size=chunk_size)
     sampler_lp_BC = _sampler_or_current(sampler_logprobs_BC, student_lp_BC)
-    ratio_BC = torch.exp(student_lp_BC - sampler_lp_BC)
+    ratio_BC = importance_ratio(student_lp_BC, sampler_lp_BC, importance_cap)
     pg_total = -(ratio_BC * advantages_B[:, None] * mask_BC).sum()
-    metrics = {"loss/pg_sum": float(pg_total.detach().item()), "loss/tokens": float(mask_BC.sum().item())}
+    metrics = {"loss/pg_sum": float(pg_total.detach().item()), "loss/tokens": float(mask_BC.sum().item()),
+               **_capped_sum(student_lp_BC, sampler_lp_BC, mask_BC, importance_cap)}
     return pg_total / _normaliser(num_tokens), student_lp_BC, metrics
 
 
@@ -413,6 +442,7 @@ def kdrl(
     sampler_logprobs_BC: torch.Tensor | None = None,
     chunk_size: int | None = None,
     route_B: list[str] | None = None,
+    importance_cap: float | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """KDRL: outcome-reward policy gradient plus on-policy KD (arXiv 2506.02208, Eq. 8).
 
@@ -436,6 +466,7 @@ def kdrl(
     pg_loss, student_lp_BC, metrics = sequence_reward_pg(
         student_logits_BCV, ids_BC, mask_BC, advantages_B, num_tokens=num_tokens, temperature=temperature,
         vocab_size=vocab_size, sampler_logprobs_BC=sampler_logprobs_BC, chunk_size=chunk_size,
+        importance_cap=importance_cap,
     )
     kd_BC = divergences.sampled_token(kd_estimator, student_lp_BC, teacher_logprobs_BC)
     kd_weight_BC = mask_BC if kd_mask_B is None else mask_BC * kd_mask_B[:, None]

@@ -373,3 +373,37 @@ def shard_for_inference(model: torch.nn.Module, processes: int) -> None:
     for layer in decoder_layers(model):
         fully_shard(layer, reshard_after_forward=True)
     fully_shard(model, reshard_after_forward=True)
+
+
+class StudentWeights:
+    """The student's current weights for a sampler holding its own copy (a vLLM server, a snapshot).
+
+    :meth:`hf_state_dict` is a collective — every process calls it — returning the weights under
+    Hugging Face names on the main process (None elsewhere): sharded students are gathered, and a LoRA
+    student is merged (through an unsharded copy rebuilt once on the main process when sharded).
+    """
+
+    def __init__(self, parallel: Parallel, model: torch.nn.Module, rebuild: Callable[[], torch.nn.Module],
+                 step: int = 0) -> None:
+        self.parallel = parallel
+        self.model = model
+        self.rebuild = rebuild
+        self.step = step  # the optimizer step these weights are at (the resumed one, 0 for a fresh run)
+        self._shadow: torch.nn.Module | None = None
+
+    @property
+    def module(self) -> torch.nn.Module:
+        return self.parallel.module(self.model)
+
+    def hf_state_dict(self) -> dict[str, torch.Tensor] | None:
+        from opd.vllm_engine import hf_state_dict
+
+        if self.parallel.name == "ddp":
+            return hf_state_dict(self.module) if self.parallel.accelerator.is_main_process else None
+        full = self.parallel.full_state_dict(self.model)
+        if full is None:
+            return None
+        if self._shadow is None:
+            self._shadow = self.rebuild()
+        self._shadow.load_state_dict(full)
+        return hf_state_dict(self._shadow)

@@ -227,7 +227,8 @@ def filtered_logprobs(logits_BV: torch.Tensor, params: SamplingParams) -> torch.
 
 @torch.no_grad()
 def sample_generate(
-    model: torch.nn.Module, prompts: list[list[int]], params: SamplingParams, tokenizer: Any
+    model: torch.nn.Module, prompts: list[list[int]], params: SamplingParams, tokenizer: Any,
+    generator: torch.Generator | None = None,
 ) -> tuple[list[list[int]], list[list[float]]]:
     """Student rollouts of the ``hf`` engine: the model decoded with its KV cache by opd's own loop.
 
@@ -236,7 +237,8 @@ def sample_generate(
     ran, so under ``train.mixed_precision`` the bf16 sampler's log-probs, which the sampled-token
     objectives use as pi_sampler. Tokens are drawn by inverting the CDF with one uniform per row
     (``torch.rand``, the seeded and checkpointed RNG): ~1.5 ms per step at V = 49k against ~7 ms for
-    ``torch.multinomial`` on 2 CPU cores. Greedy rows get log-prob 0 (the greedy policy is
+    ``torch.multinomial`` on 2 CPU cores (``generator``: a private stream instead, for rollouts that
+    run beside training). Greedy rows get log-prob 0 (the greedy policy is
     deterministic). Completions are cut after the first EOS.
     """
     if not prompts:
@@ -259,7 +261,7 @@ def sample_generate(
                     logprobs_BV = filtered_logprobs(decoder.last_logits, params)
                     cdf_BV = logprobs_BV.exp().cumsum(-1)
                     # First index whose CDF exceeds u: never a zero-probability token, never past the end.
-                    u_B1 = torch.rand(len(prompts), 1, device=device) * cdf_BV[:, -1:]
+                    u_B1 = torch.rand(len(prompts), 1, device=device, generator=generator) * cdf_BV[:, -1:]
                     token_B = torch.searchsorted(cdf_BV, u_B1, right=True).squeeze(-1).clamp(max=cdf_BV.shape[-1] - 1)
                     token_lp_B = logprobs_BV.gather(-1, token_B[:, None]).squeeze(-1)
                 token_B = record.add(token_B, token_lp_B)
@@ -363,9 +365,9 @@ class StudentSampler:
     def __init__(self, tokenizer: Any) -> None:
         self.tokenizer = tokenizer
 
-    def sample(self, student: torch.nn.Module, prompts: list[list[int]], params: SamplingParams
-               ) -> tuple[list[list[int]], list[list[float]], dict[str, float]]:
-        outs, lps = sample_generate(student, prompts, params, self.tokenizer)
+    def sample(self, student: torch.nn.Module, prompts: list[list[int]], params: SamplingParams,
+               generator: torch.Generator | None = None) -> tuple[list[list[int]], list[list[float]], dict[str, float]]:
+        outs, lps = sample_generate(student, prompts, params, self.tokenizer, generator)
         return outs, lps, {}
 
 
@@ -382,8 +384,10 @@ class CoSampler:
         self.mixture_alpha = mixture_alpha
         self.accept_top_k = accept_top_k
 
-    def sample(self, student: torch.nn.Module, prompts: list[list[int]], params: SamplingParams
-               ) -> tuple[list[list[int]], list[list[float]], dict[str, float]]:
+    def sample(self, student: torch.nn.Module, prompts: list[list[int]], params: SamplingParams,
+               generator: torch.Generator | None = None) -> tuple[list[list[int]], list[list[float]], dict[str, float]]:
+        if generator is not None:
+            raise DataError("co-sampling decodes with the shared teacher and cannot run beside training")
         # A teacher set to compute in bf16 (LocalTeacher.compute_in) decodes under its own autocast.
         with getattr(self.teacher, "precision", contextlib.nullcontext)():
             return co_generate(student, self.teacher.model, prompts, params, self.tokenizer, rule=self.rule,
@@ -461,15 +465,17 @@ class BehaviourPolicy:
         return self._off_policy
 
     def rollout(
-        self, student: torch.nn.Module, prompts: list[Example], on_policy_fraction: float | None = None
+        self, student: torch.nn.Module, prompts: list[Example], on_policy_fraction: float | None = None,
+        generator: torch.Generator | None = None,
     ) -> tuple[SequenceBatch, dict[str, float]]:
-        """Write one micro-batch; ``on_policy_fraction`` overrides the configured lambda."""
+        """Write one micro-batch; ``on_policy_fraction`` overrides the configured lambda. Randomness comes
+        from the global (seeded, checkpointed) RNG, or from ``generator`` when given."""
         fraction = self.cfg.on_policy_fraction if on_policy_fraction is None else on_policy_fraction
         # Each prompt is answered samples_per_prompt times (GRPO-style groups for outcome rewards).
         repeats = self.cfg.samples_per_prompt
         examples = [example for example in prompts for _ in range(repeats)]
         # One uniform draw per sample from the global (seeded, checkpointed) RNG.
-        coins = torch.rand(len(examples))
+        coins = torch.rand(len(examples), generator=generator)
         on_policy = (coins < fraction).tolist()
         completions: list[list[int] | None] = [None] * len(examples)
         metrics: dict[str, float] = {"rollout/truncated_references": 0.0}
@@ -480,7 +486,7 @@ class BehaviourPolicy:
         if student_idx:
             start = time.perf_counter()
             outs, lps, sample_metrics = self.sampler.sample(student, [examples[i].prompt_ids for i in student_idx],
-                                                            self.params)
+                                                            self.params, generator)
             metrics["perf/generate_student_s"] = time.perf_counter() - start
             metrics.update(sample_metrics)
             sampler_lps = [None] * len(examples)
@@ -574,11 +580,13 @@ class Rollouts(Hooks, abc.ABC):
         self.grad_accum = grad_accum
         self.total_steps = total_steps
 
-    def next_step(self, student: torch.nn.Module, step: int) -> tuple[list[SequenceBatch], list[dict[str, float]]]:
+    def next_step(self, student: torch.nn.Module, step: int, generator: torch.Generator | None = None
+                  ) -> tuple[list[SequenceBatch], list[dict[str, float]]]:
+        """The micro-batches of optimizer step ``step``; randomness from the global RNG, or ``generator``."""
         self.begin(step)
         batches, metrics = [], []
         for _ in range(self.grad_accum):
-            batch, batch_metrics = self.micro_batch(student, step, self.stream.next(self.batch_size))
+            batch, batch_metrics = self.micro_batch(student, step, self.stream.next(self.batch_size), generator)
             batches.append(batch)
             metrics.append(batch_metrics)
         return batches, metrics
@@ -587,8 +595,8 @@ class Rollouts(Hooks, abc.ABC):
         """Per-step settings, before the first micro-batch."""
 
     @abc.abstractmethod
-    def micro_batch(self, student: torch.nn.Module, step: int, rows: list[Any]
-                    ) -> tuple[SequenceBatch, dict[str, float]]:
+    def micro_batch(self, student: torch.nn.Module, step: int, rows: list[Any],
+                    generator: torch.Generator | None = None) -> tuple[SequenceBatch, dict[str, float]]:
         """One micro-batch written for ``rows`` (prompts, or whatever the stream holds)."""
 
     def token_counts(self, batch: SequenceBatch) -> tuple[float, float]:
@@ -621,10 +629,10 @@ class PolicyRollouts(Rollouts):
         self.policy.params.max_new_tokens = rollout_length(self.policy.cfg, step, self.total_steps)
         self.fraction = self.policy.cfg.on_policy_fraction_at(step, self.total_steps)
 
-    def micro_batch(self, student: torch.nn.Module, step: int, rows: list[Any]
-                    ) -> tuple[SequenceBatch, dict[str, float]]:
+    def micro_batch(self, student: torch.nn.Module, step: int, rows: list[Any],
+                    generator: torch.Generator | None = None) -> tuple[SequenceBatch, dict[str, float]]:
         with self.precision():
-            batch, metrics = self.policy.rollout(student, rows, self.fraction)
+            batch, metrics = self.policy.rollout(student, rows, self.fraction, generator)
         metrics["rollout/on_policy_target"] = self.fraction
         return batch, metrics
 
@@ -656,8 +664,8 @@ class AdaptiveRollouts(PolicyRollouts):
         super().begin(step)
         self.source = self.schedule.choose(step, self.total_steps)
 
-    def micro_batch(self, student: torch.nn.Module, step: int, rows: list[Any]
-                    ) -> tuple[SequenceBatch, dict[str, float]]:
+    def micro_batch(self, student: torch.nn.Module, step: int, rows: list[Any],
+                    generator: torch.Generator | None = None) -> tuple[SequenceBatch, dict[str, float]]:
         if self.source == "replay":
             batch = self.schedule.replay(self.batch_size, self.policy.tokenizer.pad_token_id)
             metrics = {"rollout/on_policy_fraction": 0.0}
@@ -686,6 +694,162 @@ class AdaptiveRollouts(PolicyRollouts):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
         self.schedule.load_state_dict(state["adaptive_off_policy"])
+
+
+class SnapshotSampler(Hooks):
+    """The ``hf`` engine for asynchronous rollouts: opd's decoding loop on a snapshot of the student,
+    so rollouts can be written beside training (torch kernels release the GIL) from weights that only
+    change when :meth:`push` copies the student's in. Costs one more copy of the student."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+        self.student: Any = None
+        self.snapshot: torch.nn.Module | None = None
+        self.version = 0
+        self.last_sync_s = 0.0
+
+    def start(self, student: Any = None) -> None:
+        import copy
+
+        self.student = student
+        self.snapshot = copy.deepcopy(student.module)
+        self.snapshot.requires_grad_(False)
+        self.version = student.step
+
+    @torch.no_grad()
+    def push(self, step: int) -> float:
+        started = time.perf_counter()
+        assert self.snapshot is not None, "the snapshot sampler was not started"
+        for copy_param, param in zip(self.snapshot.parameters(), self.student.module.parameters()):
+            copy_param.copy_(param.detach())
+        self.version = step
+        self.last_sync_s = time.perf_counter() - started
+        return self.last_sync_s
+
+    def sample(self, student: torch.nn.Module, prompts: list[list[int]], params: SamplingParams,
+               generator: torch.Generator | None = None) -> tuple[list[list[int]], list[list[float]], dict[str, float]]:
+        assert self.snapshot is not None, "the snapshot sampler was not started"
+        outs, lps = sample_generate(self.snapshot, prompts, params, self.tokenizer, generator)
+        return outs, lps, {"rollout/weight_version": float(self.version)}
+
+
+class AsyncRollouts(Hooks):
+    """Rollouts written ahead, beside training (``rollout.async_steps`` = k): the micro-batches of step
+    t are written while step t-1 (and t-2) train, by a sampler holding its own copy of the weights
+    (:class:`SnapshotSampler`, :class:`opd.rollout_server.VLLMServerSampler`).
+
+    The schedule is fixed, so a run is deterministic and resumes exactly: one background worker
+    writes the steps in order; step t's rollout starts after step t-1-k ended and uses the weights
+    pushed then (step t-1-k's, or an older push with ``rollout.weight_sync_every`` > 1); before a push
+    every rollout still being written is waited for, so no rollout mixes two weight versions; each
+    step's randomness comes from its own generator seeded by (seed, rank, step), never from the global
+    RNG that training uses. ``rollout/policy_lag`` logs t-1 minus the version a step's rollout used (k
+    in steady state); the objectives correct for it through the sampler's log-probs (importance ratio,
+    optionally capped by ``loss.importance_cap``). A checkpoint holds the rollouts written ahead, so
+    ``--resume`` needs no old weights.
+    """
+
+    def __init__(self, inner: Rollouts, lag: int, sampler: Any, seed: int, rank: int, sync_every: int,
+                 example_index: dict[int, int] | None = None) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.inner = inner
+        self.lag = lag
+        self.sampler = sampler
+        self.seed = seed
+        self.rank = rank
+        self.sync_every = sync_every
+        self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="opd-rollouts")
+        self.pending: dict[int, Any] = {}  # step -> Future of (batches, metrics, version)
+        self.written: dict[int, tuple[list[SequenceBatch], list[dict[str, float]], int]] = {}
+        self.next_step_to_write = 1
+        self.student: Any = None
+        self._examples = list(getattr(inner.stream, "examples", []))
+        self._index = example_index or {id(e): i for i, e in enumerate(self._examples)}
+
+    @property
+    def stream(self) -> ExampleStream:
+        return self.inner.stream
+
+    @property
+    def max_new_tokens(self) -> int:
+        return self.inner.max_new_tokens
+
+    def token_counts(self, batch: SequenceBatch) -> tuple[float, float]:
+        return self.inner.token_counts(batch)
+
+    def _generator(self, step: int) -> torch.Generator:
+        return torch.Generator().manual_seed((self.seed * 1_000_003 + self.rank) * 100_019 + step)
+
+    def _write(self, step: int, version: int) -> tuple[list[SequenceBatch], list[dict[str, float]], int]:
+        with torch.no_grad():
+            batches, metrics = self.inner.next_step(self.student, step, self._generator(step))
+        return batches, metrics, version
+
+    def _launch_until(self, last: int) -> None:
+        while self.next_step_to_write <= last:
+            step = self.next_step_to_write
+            self.pending[step] = self.worker.submit(self._write, step, self.sampler.version)
+            self.next_step_to_write += 1
+
+    def _settle(self) -> None:
+        """Wait for every rollout being written."""
+        for step in sorted(self.pending):
+            self.written[step] = self.pending.pop(step).result()
+
+    def start(self, student: Any = None) -> None:
+        self.sampler.start(student)
+        self.student = student.module if student is not None else None
+        # A fresh run writes steps 1 .. 1 + k now; a resumed one has them from its checkpoint.
+        self._launch_until(max(self.next_step_to_write - 1, 1 + self.lag))
+
+    def next_step(self, student: torch.nn.Module, step: int, generator: torch.Generator | None = None
+                  ) -> tuple[list[SequenceBatch], list[dict[str, float]]]:
+        if step in self.pending:
+            self.written[step] = self.pending.pop(step).result()
+        batches, metrics, version = self.written.pop(step)
+        for row in metrics:
+            row["rollout/policy_lag"] = float(step - 1 - version)
+        return batches, metrics
+
+    def after_step(self, step: int, stepped: bool) -> dict[str, float]:
+        out = {}
+        if step % self.sync_every == 0:
+            self._settle()  # no rollout may be written across two weight versions
+            self.sampler.push(step)
+            out["perf/weight_sync_s"] = self.sampler.last_sync_s
+        self._launch_until(step + 1 + self.lag)
+        return out
+
+    def close(self) -> None:
+        self.worker.shutdown(wait=True, cancel_futures=True)
+        self.sampler.close()
+
+    # -- checkpoints: the rollouts written ahead travel with the student ------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        self._settle()
+        ahead = {str(step): {"batches": [self._pack(b) for b in batches], "metrics": metrics, "version": version}
+                 for step, (batches, metrics, version) in self.written.items()}
+        return {**self.inner.state_dict(), "async_rollouts": {"ahead": ahead, "next": self.next_step_to_write,
+                                                               "version": self.sampler.version}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.inner.load_state_dict(state)
+        saved = state["async_rollouts"]
+        self.written = {int(step): ([self._unpack(b) for b in entry["batches"]], entry["metrics"], entry["version"])
+                        for step, entry in saved["ahead"].items()}
+        self.next_step_to_write = int(saved["next"])
+
+    def _pack(self, batch: SequenceBatch) -> dict[str, Any]:
+        return {"input_ids": batch.input_ids_BT, "attention": batch.attention_mask_BT,
+                "mask": batch.completion_mask_BC, "prompt_len": batch.prompt_len, "on_policy": batch.on_policy_B,
+                "sampler": batch.sampler_logprobs_BC, "group": batch.group_B,
+                "examples": [self._index[id(e)] for e in batch.examples or []]}
+
+    def _unpack(self, packed: dict[str, Any]) -> SequenceBatch:
+        return SequenceBatch(packed["input_ids"], packed["attention"], packed["mask"], int(packed["prompt_len"]),
+                             packed["on_policy"], packed["sampler"], [self._examples[i] for i in packed["examples"]],
+                             packed["group"])
 
 
 class AdaptiveOffPolicy:

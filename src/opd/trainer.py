@@ -40,7 +40,14 @@ from opd.build import Run, build_run
 from opd.config import RunConfig, dump_config
 from opd.errors import OpdError, RunDirError
 from opd.metrics import MetricsLogger
-from opd.parallel import DataParallel, DeepSpeedZeRO, FullyShardedFSDP2, Parallel, deepspeed_accelerator_kwargs
+from opd.parallel import (
+    DataParallel,
+    DeepSpeedZeRO,
+    FullyShardedFSDP2,
+    Parallel,
+    StudentWeights,
+    deepspeed_accelerator_kwargs,
+)
 from opd.teachers import pop_teacher_stats
 
 _RESUMABLE_CHANGES = {
@@ -164,8 +171,9 @@ def train(config: RunConfig, *, resume: bool = False, log: Any = print) -> Train
                                 resume_step=start_step if resume else None)
     loop_start = time.perf_counter()
     try:
+        weights = StudentWeights(parallel, model, lambda: build.fresh_student(config), step=start_step)
         for hook in run.hooks:
-            hook.start()
+            hook.start(weights)
         tokens_seen = _train_steps(config, run, parallel, model, optimizer, scheduler, counters, start_step,
                                    metrics_log, run_dir, log)
     finally:

@@ -511,7 +511,7 @@ class VLLMSampler(Hooks):
         self.engine: VLLMEngine | None = None
         self.last_sync_s = 0.0
 
-    def start(self) -> None:
+    def start(self, student: Any = None) -> None:
         started = time.perf_counter()
         self.engine = VLLMEngine.from_model_dir(self.model_dir, dtype=self.dtype, seed=self.seed,
                                                 kv_cache_gb=self.kv_cache_gb, max_model_len=self.max_model_len,
@@ -521,8 +521,11 @@ class VLLMSampler(Hooks):
             self.log(f"vllm engine ({self.dtype}) ready in {time.perf_counter() - started:.1f}s; weights pushed "
                      f"every {self.sync_every} step(s)")
 
-    def sample(self, student: torch.nn.Module, prompts: list[list[int]], params: SamplingParams
-               ) -> tuple[list[list[int]], list[list[float]], dict[str, float]]:
+    def sample(self, student: torch.nn.Module, prompts: list[list[int]], params: SamplingParams,
+               generator: torch.Generator | None = None) -> tuple[list[list[int]], list[list[float]], dict[str, float]]:
+        if generator is not None:
+            raise DataError("the in-process vLLM engine samples in step with training; use "
+                            "rollout.engine=vllm_server for asynchronous rollouts")
         if self.engine is None:
             raise RuntimeError("the vLLM engine was not started")
         outs, lps = self.engine.generate(prompts, params)
@@ -562,8 +565,12 @@ def start_vllm_server(
     dtype: str = "float32",
     kv_cache_gb: int = 1,
     log_path: str | os.PathLike[str] | None = None,
+    cpus: str | None = None,
 ) -> tuple[subprocess.Popen, str]:
     """Launch vLLM's OpenAI server on 127.0.0.1 for ``model_dir`` and wait until ``/health`` answers.
+
+    ``cpus`` (e.g. ``"0"``) pins the whole server (API server, engine core, worker) to those CPUs with
+    ``taskset`` and binds vLLM's OpenMP threads there too, leaving the others to the trainer.
 
     The server runs in its own process group (stop it with :func:`stop_vllm_server`), with the
     current interpreter, eager mode, ``--generation-config vllm`` (requests are not filled in
@@ -585,7 +592,10 @@ def start_vllm_server(
     env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)  # an in-process engine here must not leak its mode
     env.update({"VLLM_CPU_KVCACHE_SPACE": str(int(kv_cache_gb)), "VLLM_SERVER_DEV_MODE": "1",
                 "TOKENIZERS_PARALLELISM": "false"})
-    command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--host", "127.0.0.1",
+    if cpus:
+        env["VLLM_CPU_OMP_THREADS_BIND"] = cpus
+    command = ["taskset", "-c", cpus] if cpus else []
+    command += [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--host", "127.0.0.1",
                "--port", str(port), "--model", model_dir, "--dtype", dtype, "--enforce-eager",
                "--generation-config", "vllm", *extra_args]
     own_log = log_path is None
