@@ -230,6 +230,15 @@ def build_run(config: RunConfig, accelerator: Any, log: Any = None) -> Run:
         teacher=eval_teacher, vocab_size=vocab_size, batch_size=config.eval.batch_size, sampled=config.eval.sampled,
         seed=config.train.seed + 7919,
     )
+    # --- training-time diagnostics (issue 18): eval/topk_*, eval/calibration_*, eval/student_* -----------
+    if config.eval.diagnostics and eval_examples:
+        from opd.diagnostics import DEFAULT_TOP_K, TrainingDiagnostics
+
+        evaluator.extras.append(TrainingDiagnostics(
+            eval_examples[: config.eval.diagnostics_prompts], tokenizer, evaluator.params, scorer=evaluator.scorer,
+            teacher=teacher, vocab_size=vocab_size, top_k=config.teacher.top_k or DEFAULT_TOP_K,
+            batch_size=config.eval.batch_size))
+    # --- end training-time diagnostics ----------------------------------------------------------------------
     teachers = {name: t for name, t in {"": teacher, **routed}.items() if t is not None}
     return Run(tokenizer, student, scorer, build_objective(config, vocab_size), rollouts, hooks, evaluator,
                vocab_size, 2.0 * sum(p.numel() for p in student.parameters()), counters, teachers)

@@ -410,6 +410,15 @@ class EvalConfig(_Section):
         description="`reference` (first word differing from the reference) or `module:function` taking "
         "(prompt, completion, reference) and returning an int word position.",
     )
+    # --- training-time diagnostics (issue 18; opd.diagnostics) -------------------------------------------
+    diagnostics: bool = Field(
+        True, description="Also log eval/topk_* (teacher-student top-k overlap), eval/calibration_* (the teacher's "
+        "success continuing the student's answers cut at 25/50/75 %, against its own) and eval/student_length_mean, "
+        "eval/student_{eos,truncated,empty}_fraction at every evaluation, on the first `diagnostics_prompts` eval "
+        "prompts.",
+    )
+    diagnostics_prompts: int = Field(8, ge=1, description="Eval prompts the diagnostics use (kept small: cheap).")
+    # --- end training-time diagnostics ------------------------------------------------------------------
 
 
 class RunConfig(_Section):
