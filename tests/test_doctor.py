@@ -284,3 +284,15 @@ def test_bad_options_are_one_line_errors(demo_data, capsys):
     assert main(["doctor", "on_policy_rkl", *_demo(demo_data), "--threshold", "calibration_fail"]) == 2
     assert "--threshold" in capsys.readouterr().err
     assert Thresholds.parse(["calibration_fail=0.3"]).calibration_fail == 0.3
+
+
+def test_every_shipped_recipe_gets_a_report_without_an_internal_error(tiny_setup, tmp_path):
+    """No check crashes on any recipe (tiny untrained models: verdicts vary, errors must not)."""
+    from opd.config import recipe_names
+    from test_methods import RECIPE_OVERRIDES
+
+    for recipe in sorted(set(recipe_names()) - {"cross_tokenizer"}):  # needs a second tokenizer: its own test file
+        config = load_config(recipe, base_overrides(tiny_setup, tmp_path / recipe, **RECIPE_OVERRIDES.get(recipe, {})))
+        checks = diagnose(config, Options(prompts=2, debug=True))
+        assert [c.name for c in checks] == list(CHECKS), recipe
+        assert not [c.line() for c in checks if c.number in ("error", "cannot load the run")], recipe

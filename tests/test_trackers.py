@@ -4,6 +4,7 @@ missing packages refused in one line before any model loads, ``train.tensorboard
 from __future__ import annotations
 
 import json
+import time
 import warnings
 
 import pytest
@@ -43,6 +44,9 @@ def test_wandb_offline_without_network(tiny_setup, tmp_path, monkeypatch):
     _train(tiny_setup, out, **{"train.report_to": "[wandb]", "train.report_project": "opd-test"})
     runs = list((out / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(runs) == 1
+    deadline = time.monotonic() + 20
+    while b"loss/total" not in runs[0].read_bytes() and time.monotonic() < deadline:
+        time.sleep(0.1)  # wandb-core writes the offline file just after run.finish() returns
     data = runs[0].read_bytes()
     assert b"loss/total" in data and b"opd-test" in data
     assert not (out / "tensorboard").exists()

@@ -238,7 +238,8 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
         raise ConfigError("--prompts and --top-k must be >= 1")
     only = tuple(c.strip() for c in args.only.split(",") if c.strip()) if args.only else CHECKS
     options = Options(only=only, prompts=args.prompts, top_k=args.top_k, local_teacher=args.local_teacher,
-                      memory_gb=args.memory_gb, thresholds=Thresholds.parse(args.threshold))
+                      memory_gb=args.memory_gb, thresholds=Thresholds.parse(args.threshold),
+                      debug=getattr(args, "debug", False))
     config = load_config(args.config, args.overrides)
     check_trainable(config)
     return run_doctor(config, options)

@@ -196,24 +196,36 @@ def calibration_at_cuts(teacher: Any, examples: list[Example], tokenizer: Any, p
     ``scorer(prompt, completion, reference) -> bool``."""
     stops = stop_ids if stop_ids is not None else {tokenizer.eos_token_id}
 
-    def grade(answers: list[list[int]]) -> float:
+    def grade(answers: list[list[int]], rows: list[Example]) -> list[bool]:
         texts = tokenizer.batch_decode(answers, skip_special_tokens=True)
-        return sum(bool(scorer(e.prompt, t, e.answer)) for e, t in zip(examples, texts)) / max(1, len(examples))
+        return [bool(scorer(e.prompt, t, e.answer)) for e, t in zip(rows, texts)]
 
-    def continued(answers: list[list[int]], fraction: float) -> float:
-        prefixes = []
-        for answer in answers:
-            body = strip_stop(answer, stops)
-            prefixes.append(body[: cut_position(len(body), fraction)])
-        prompts = [e.prompt_ids + prefix for e, prefix in zip(examples, prefixes)]
-        outs: list[list[int]] = []
-        for start in range(0, len(prompts), batch_size):
-            outs.extend(teacher.generate(prompts[start : start + batch_size], params))
-        return grade([prefix + out for prefix, out in zip(prefixes, outs)])
+    # Every (answer set, cut, prompt) continuation in one list, so the teacher decodes them in as few
+    # batched calls as possible (one generate call costs far more than a few more rows in it).
+    prefixes: list[list[int]] = []
+    rows: list[Example] = []
+    for answers in (student_answers, teacher_answers):
+        for fraction in cuts:
+            for example, answer in zip(examples, answers):
+                body = strip_stop(answer, stops)
+                prefixes.append(body[: cut_position(len(body), fraction)])
+                rows.append(example)
+    prompts = [e.prompt_ids + prefix for e, prefix in zip(rows, prefixes)]
+    outs: list[list[int]] = []
+    for start in range(0, len(prompts), batch_size):
+        outs.extend(teacher.generate(prompts[start : start + batch_size], params))
+    ok = grade([prefix + out for prefix, out in zip(prefixes, outs)], rows)
+    n = len(examples)
 
-    return Calibration(tuple(cuts), [continued(student_answers, f) for f in cuts],
-                       [continued(teacher_answers, f) for f in cuts], grade(student_answers), grade(teacher_answers),
-                       len(examples))
+    def rate(block: int) -> float:
+        return sum(ok[block * n : (block + 1) * n]) / max(1, n)
+
+    def whole(answers: list[list[int]]) -> float:
+        return sum(grade(answers, examples)) / max(1, n)
+
+    blocks = range(len(cuts))
+    return Calibration(tuple(cuts), [rate(i) for i in blocks], [rate(len(cuts) + i) for i in blocks],
+                       whole(student_answers), whole(teacher_answers), n)
 
 
 # --- sampling --------------------------------------------------------------------------------------------

@@ -57,6 +57,8 @@ from opd.divergences import auto_chunk_size, per_token_reference
 from opd.errors import ConfigError, OpdError
 from opd.losses import (
     KDRL,
+    CrossTokenizer,
+    DiscriminatorPG,
     KLMix,
     MiniLLM,
     SampledTokenPG,
@@ -122,6 +124,7 @@ class Options:
     local_teacher: str | None = None  # a local copy of a served / cached teacher
     memory_gb: float | None = None  # memory one step may use (default: the device's)
     thresholds: Thresholds = field(default_factory=Thresholds)
+    debug: bool = False  # let a check's unexpected exception propagate (its traceback) instead of a FAIL line
 
 
 @dataclass
@@ -198,7 +201,9 @@ class _Probe:
     @property
     def signal(self) -> Any:
         def make() -> Any:
-            with self.accelerator.autocast(), torch.no_grad():
+            # As in the training loop: teachers take no gradient themselves, and a signal source that
+            # learns (GAD's discriminator takes its update step here) needs autograd on.
+            with self.accelerator.autocast():
                 return self.run.teacher.score(self.batch).to(self.device)
         return self._once("signal", make)
 
@@ -434,6 +439,11 @@ def describe(config: RunConfig, objective: Any, vocab_size: int) -> str:
         what = "verifier-reward GRPO plus a reverse-KL term to the teacher (KDRL)"
     elif isinstance(inner, SequenceNLL):
         what = "cross-entropy on the behaviour policy's tokens (no teacher distribution)"
+    elif isinstance(inner, DiscriminatorPG):
+        what = "policy gradient on a discriminator's score of each answer (GAD: the teacher gives text only)"
+    elif isinstance(inner, CrossTokenizer):
+        what = ("cross-tokenizer distillation on byte-aligned token groups (ULD"
+                + (", GOLD hybrid on the shared tokens)" if config.loss.uld_hybrid else ")"))
     else:
         what = type(inner).__name__
     if isinstance(objective, WithEntropyGatedForwardKL):
@@ -666,8 +676,8 @@ def check_topk(probe: _Probe) -> Check:
     overlap = diagnostics.topk_overlap(probe.student_logits().float(), signal, batch.completion_ids_BC, mask, k=k,
                                        temperature=config.temperature, vocab_size=probe.run.vocab_size)
     if overlap is None:
-        return Check("topk", "SKIP", "no distribution", "the teacher exposes neither logits nor top-k log-probs "
-                     "(sampled-token only): set teacher.top_k to measure the overlap")
+        return Check("topk", "SKIP", "no distribution", "the run's teacher signal holds no distribution (sampled-"
+                     "token log-probs, rewards or text only); for a served teacher set teacher.top_k to measure it")
     th = probe.options.thresholds
     number = (f"k={overlap.k}: teacher mass in its top-k {overlap.teacher_topk_mass:.3f}, student mass in the "
               f"teacher's top-k {overlap.student_mass_in_teacher_topk:.3f}, sampled token outside it "
@@ -709,7 +719,8 @@ def check_calibration(probe: _Probe) -> Check:
                "cut at      " + "  ".join(f"{f:>5.0%}" for f in cal.cuts),
                "from student" + "  ".join(f"{v:>5.2f}" for v in cal.from_student),
                "from teacher" + "  ".join(f"{v:>5.2f}" for v in cal.from_teacher)]
-    number = (f"ratio {cal.ratio:.2f}: teacher success from student prefixes {cal.student_prefix_mean:.2f} vs its "
+    ratio = f"{cal.ratio:.2f}" if math.isfinite(cal.ratio) else "n/a"
+    number = (f"ratio {ratio}: teacher success from student prefixes {cal.student_prefix_mean:.2f} vs its "
               f"own {cal.teacher_prefix_mean:.2f}")
     if cal.teacher_prefix_mean == 0:
         return Check("calibration", "WARN", number, "the scorer accepts none of the teacher's continuations of its own "
@@ -907,8 +918,12 @@ def diagnose(config: RunConfig, options: Options | None = None, *, run: Run | No
     for name in options.only:
         try:
             checks.append(CHECK_FUNCTIONS[name](probe))
-        except OpdError as exc:
-            checks.append(Check(name, "FAIL", "error", str(exc).splitlines()[0]))
+        except Exception as exc:  # one broken part (a server down, an odd model) must not hide the other checks
+            if options.debug and not isinstance(exc, OpdError):
+                raise
+            message = (str(exc).strip().splitlines() or [""])[0]
+            what = message if isinstance(exc, OpdError) else f"{type(exc).__name__}: {message} (--debug: traceback)"
+            checks.append(Check(name, "FAIL", "error", what))
     return checks
 
 
