@@ -301,3 +301,16 @@ class TestTrainingWithTheEngine:
         a = load_file(str(straight / "final" / "model.safetensors"))
         b = load_file(str(resumed / "final" / "model.safetensors"))
         assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+class TestDoctorWithTheEngine:
+    def test_doctor_checks_the_engines_log_probs_against_the_student(self, models, tiny_setup, tmp_path, capsys):
+        """opd doctor with rollout.engine=vllm: the engine samples the micro-batch, and its log-probs of
+        the sampled tokens equal the student's own forward (the doctor's sampler check passes)."""
+        common = {"model.student": str(models / "student"), "teacher.model": str(models / "teacher"),
+                  "rollout.engine": "vllm", "data.eval": "null"}
+        code = main(["doctor", "sampled_token_opd", *base_overrides(tiny_setup, tmp_path / "r", **common),
+                     "--only", "sampler,objective"])
+        out = capsys.readouterr().out
+        assert code == 0, out
+        assert "PASS: sampler:" in out and "engine: VLLMSampler" in out

@@ -636,26 +636,34 @@ def check_sampler(probe: _Probe) -> Check:
                      "fall back to the current student")
     engine = type(policy.sampler).__name__
     params = policy.params
-    logits = probe.student_logits().float()
-    mask = batch.completion_mask_BC.bool() & ~torch.isnan(batch.sampler_logprobs_BC)
-    ids = batch.completion_ids_BC
-    B, C, _ = logits.shape
-    forward_lp = filtered_logprobs(logits.reshape(B * C, -1), params).reshape(B, C, -1) \
-        .gather(-1, ids.to(logits.device)[..., None])[..., 0].cpu()
-    full_lp = torch.log_softmax(logits[..., : params.vocab_size or logits.shape[-1]] / params.temperature, -1) \
-        .gather(-1, ids.to(logits.device)[..., None])[..., 0].cpu()
-    if not mask.any():
+    mask_BC = batch.completion_mask_BC.bool() & ~torch.isnan(batch.sampler_logprobs_BC)
+    if not mask_BC.any():
         return Check("sampler", "SKIP", "no student tokens", "the rollout wrote no student tokens to compare")
-    diff = (batch.sampler_logprobs_BC - forward_lp).abs()[mask]
+    logits_BCV = probe.student_logits()
+    rows_R = mask_BC.reshape(-1).nonzero().squeeze(-1)
+    logits_NV = logits_BCV.reshape(-1, logits_BCV.shape[-1])
+    ids_N = batch.completion_ids_BC.reshape(-1)
+    vocab = params.vocab_size or logits_NV.shape[-1]
+    forward_R, full_R = torch.empty(rows_R.numel()), torch.empty(rows_R.numel())
+    chunk = auto_chunk_size(vocab)
+    for start in range(0, rows_R.numel(), chunk):  # a few rows at a time: [rows, V] fp32 stays small
+        idx = rows_R[start : start + chunk]
+        scores = logits_NV[idx.to(logits_NV.device)].float()
+        picked = ids_N[idx].to(scores.device)[:, None]
+        forward_R[start : start + idx.numel()] = filtered_logprobs(scores, params).gather(-1, picked)[:, 0].cpu()
+        full_R[start : start + idx.numel()] = torch.log_softmax(scores[:, :vocab] / params.temperature, -1) \
+            .gather(-1, picked)[:, 0].cpu()
+    diff = (batch.sampler_logprobs_BC.reshape(-1)[rows_R] - forward_R).abs()
     mean, worst = float(diff.mean()), float(diff.max())
-    th = probe.options.thresholds
-    status = _grade(mean, th.sampler_mean_warn, th.sampler_mean_fail, higher_is_better=False)
-    details = [f"engine: {engine}; {int(mask.sum())} sampled tokens; temperature {params.temperature:g}, "
+    details = [f"engine: {engine}; {rows_R.numel()} sampled tokens; temperature {params.temperature:g}, "
                f"top-p {params.top_p:g}, top-k {params.top_k}"]
-    kept = float((full_lp - forward_lp)[mask].exp().mean())
     if params.top_p < 1 or params.top_k:
+        # p_full(y) / p_filtered(y) is the mass the filter keeps, at each sampled token
+        kept = float((full_R - forward_R).exp().mean())
         details.append(f"the filter keeps {kept:.1%} of the student's probability at the sampled tokens on average; "
                        "the token-level loss compares the unfiltered distributions")
+    th = probe.options.thresholds
+    status = _grade(mean, th.sampler_mean_warn, th.sampler_mean_fail, higher_is_better=False)
     advice = {"PASS": "the sampler draws from the student the loss trains",
               "WARN": "the sampler's distribution drifts from the student's (precision / kernels); importance "
                       "weights absorb small drift",
@@ -673,7 +681,7 @@ def check_topk(probe: _Probe) -> Check:
     k = config.teacher.top_k or probe.options.top_k
     rows = batch.on_policy_B.bool()
     mask = batch.completion_mask_BC * rows[:, None].float()
-    overlap = diagnostics.topk_overlap(probe.student_logits().float(), signal, batch.completion_ids_BC, mask, k=k,
+    overlap = diagnostics.topk_overlap(probe.student_logits(), signal, batch.completion_ids_BC, mask, k=k,
                                        temperature=config.temperature, vocab_size=probe.run.vocab_size)
     if overlap is None:
         return Check("topk", "SKIP", "no distribution", "the run's teacher signal holds no distribution (sampled-"
@@ -915,15 +923,27 @@ def diagnose(config: RunConfig, options: Options | None = None, *, run: Run | No
         raise ValueError("diagnose(run=...) needs the accelerator the run was built with")
     probe = _Probe(config, run, accelerator, options)
     checks = []
-    for name in options.only:
-        try:
-            checks.append(CHECK_FUNCTIONS[name](probe))
-        except Exception as exc:  # one broken part (a server down, an odd model) must not hide the other checks
-            if options.debug and not isinstance(exc, OpdError):
-                raise
-            message = (str(exc).strip().splitlines() or [""])[0]
-            what = message if isinstance(exc, OpdError) else f"{type(exc).__name__}: {message} (--debug: traceback)"
-            checks.append(Check(name, "FAIL", "error", what))
+    try:
+        for hook in run.hooks:
+            hook.start()  # as training does: e.g. the vLLM engine starts and receives the student's weights
+    except OpdError as exc:
+        for hook in run.hooks:
+            hook.close()
+        return [Check("build", "FAIL", "cannot start the run's parts", str(exc).splitlines()[0])]
+    try:
+        for name in options.only:
+            try:
+                checks.append(CHECK_FUNCTIONS[name](probe))
+            except Exception as exc:  # one broken part (a server down, an odd model) must not hide the others
+                if options.debug and not isinstance(exc, OpdError):
+                    raise
+                message = (str(exc).strip().splitlines() or [""])[0]
+                what = message if isinstance(exc, OpdError) else \
+                    f"{type(exc).__name__}: {message} (--debug: traceback)"
+                checks.append(Check(name, "FAIL", "error", what))
+    finally:
+        for hook in run.hooks:
+            hook.close()
     return checks
 
 
