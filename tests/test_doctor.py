@@ -187,6 +187,24 @@ def test_signal_fails_behind_a_proxy_that_perturbs_log_probs(served, tiny_setup,
     assert "are not the model's" in output and "not deterministic" in output
 
 
+def test_signal_checks_a_teacher_cache_against_the_model_that_should_have_scored_it(tiny_setup, tmp_path, capsys):
+    from opd.cache_teacher import build_teacher_cache
+
+    made = load_config("topk_fkl", base_overrides(tiny_setup, tmp_path / "u", **{"teacher.top_k": 4}))
+    cache = build_teacher_cache(made, tmp_path / "cache", rows=8, log=lambda *_: None)
+    overrides = base_overrides(tiny_setup, tmp_path / "r", **{"teacher.kind": "cache", "teacher.cache": cache,
+                                                             "teacher.model": "null", "teacher.top_k": 4,
+                                                             "data.eval": "null"})
+    # the cache records the teacher that scored it: recomputed with that one, the numbers agree
+    code, statuses, output = _doctor(capsys, "topk_fkl", overrides, "--only", "signal")
+    assert code == 0 and statuses == {"signal": "PASS"}, output
+    # a cache believed to come from another checkpoint (here: the student) is caught
+    code, statuses, output = _doctor(capsys, "topk_fkl", overrides, "--only", "signal",
+                                     "--local-teacher", str(tiny_setup / "student"))
+    assert code == 1 and statuses == {"signal": "FAIL"}, output
+    assert "max |cached - local|" in output
+
+
 # --- sampler -------------------------------------------------------------------------------------------
 
 
