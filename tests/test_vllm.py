@@ -425,3 +425,16 @@ def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+class TestDoctorWithTheEngine:
+    def test_doctor_checks_the_engines_log_probs_against_the_student(self, models, tiny_setup, tmp_path, capsys):
+        """opd doctor with rollout.engine=vllm: the engine samples the micro-batch, and its log-probs of
+        the sampled tokens equal the student's own forward (the doctor's sampler check passes)."""
+        common = {"model.student": str(models / "student"), "teacher.model": str(models / "teacher"),
+                  "rollout.engine": "vllm", "data.eval": "null"}
+        code = main(["doctor", "sampled_token_opd", *base_overrides(tiny_setup, tmp_path / "r", **common),
+                     "--only", "sampler,objective"])
+        out = capsys.readouterr().out
+        assert code == 0, out
+        assert "PASS: sampler:" in out and "engine: VLLMSampler" in out

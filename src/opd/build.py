@@ -244,6 +244,15 @@ def build_run(config: RunConfig, accelerator: Any, log: Any = None) -> Run:
         teacher=eval_teacher, vocab_size=vocab_size, batch_size=config.eval.batch_size, sampled=config.eval.sampled,
         seed=config.train.seed + 7919,
     )
+    # --- training-time diagnostics (issue 18): eval/topk_*, eval/calibration_*, eval/student_* -----------
+    if config.eval.diagnostics and eval_examples:
+        from opd.diagnostics import DEFAULT_TOP_K, TrainingDiagnostics
+
+        evaluator.extras.append(TrainingDiagnostics(
+            eval_examples[: config.eval.diagnostics_prompts], tokenizer, evaluator.params, scorer=evaluator.scorer,
+            teacher=teacher, vocab_size=vocab_size, top_k=config.teacher.top_k or DEFAULT_TOP_K,
+            batch_size=config.eval.batch_size))
+    # --- end training-time diagnostics ----------------------------------------------------------------------
     teachers = {name: t for name, t in {"": teacher, **routed}.items() if t is not None}
     objective = build_objective(config, vocab_size)
     fused = _fused_path(config, student, objective, log)

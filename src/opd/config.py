@@ -450,7 +450,44 @@ class TrainConfig(_Section):
         5, ge=1, description="Steps with NaN/inf loss or gradient are skipped; stop after this many in a row."
     )
     progress: bool = Field(True, description="Show a progress bar.")
-    tensorboard: bool = Field(True, description="Also write TensorBoard event files.")
+    # --- experiment trackers (issue 18; opd.trackers) -------------------------------------------------
+    tensorboard: bool | None = Field(
+        None, description="Deprecated: use `report_to` ([tensorboard] or []). When set and report_to is not, "
+        "true = [tensorboard], false = [].",
+    )
+    report_to: list[str] | None = Field(
+        None, description="Experiment trackers through Accelerate, besides metrics.jsonl (always written): any of "
+        "tensorboard, wandb, mlflow, trackio, comet_ml, aim, clearml, dvclive, swanlab; [] = none. None of them is "
+        "an opd dependency (a missing one is refused at start, saying what to install). null = tensorboard if it "
+        "is installed. W&B runs offline with WANDB_MODE=offline.",
+    )
+    report_project: str = Field("opd", description="Project / experiment name the trackers file the run under.")
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _tracker_names(cls, value: Any) -> Any:
+        from opd.trackers import check_names
+
+        if isinstance(value, str):  # `train.report_to=wandb` on the command line
+            value = [] if value.strip().lower() == "none" else [v.strip() for v in value.split(",") if v.strip()]
+        return check_names(value) if isinstance(value, list) else value
+
+    @model_validator(mode="after")
+    def _tensorboard_is_deprecated(self) -> TrainConfig:
+        if self.tensorboard is not None:
+            import warnings
+
+            warnings.warn("train.tensorboard is deprecated: use train.report_to (e.g. [tensorboard], or [] for "
+                          "none)" + ("; report_to is set, so tensorboard is ignored" if self.report_to is not None
+                                     else ""), DeprecationWarning, stacklevel=2)
+        return self
+
+    def trackers(self) -> list[str]:
+        """The trackers this run writes to (see ``report_to``)."""
+        from opd.trackers import resolve
+
+        return resolve(self.report_to, self.tensorboard)
+    # --- end experiment trackers ------------------------------------------------------------------------
 
 
 class EvalConfig(_Section):
@@ -468,6 +505,15 @@ class EvalConfig(_Section):
         description="`reference` (first word differing from the reference) or `module:function` taking "
         "(prompt, completion, reference) and returning an int word position.",
     )
+    # --- training-time diagnostics (issue 18; opd.diagnostics) -------------------------------------------
+    diagnostics: bool = Field(
+        True, description="Also log eval/topk_* (teacher-student top-k overlap), eval/calibration_* (the teacher's "
+        "success continuing the student's answers cut at 25/50/75 %, against its own) and eval/student_length_mean, "
+        "eval/student_{eos,truncated,empty}_fraction at every evaluation, on the first `diagnostics_prompts` eval "
+        "prompts.",
+    )
+    diagnostics_prompts: int = Field(8, ge=1, description="Eval prompts the diagnostics use (kept small: cheap).")
+    # --- end training-time diagnostics ------------------------------------------------------------------
 
 
 class RunConfig(_Section):

@@ -165,6 +165,9 @@ class Evaluator:
         self.batch_size = batch_size
         self.sampled = sampled
         self.seed = seed
+        # More eval/... metrics, each a callable student -> dict run after evaluate() under the same
+        # forked RNG (the training-time diagnostics of opd.diagnostics, issue 18).
+        self.extras: list[Callable[[torch.nn.Module], dict[str, Any]]] = []
 
     def __call__(self, student: torch.nn.Module) -> dict[str, Any]:
         if not self.examples:
@@ -172,9 +175,12 @@ class Evaluator:
         device = next(student.parameters()).device
         with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
             torch.manual_seed(self.seed)
-            return evaluate(student, self.tokenizer, self.examples, self.params, scorer=self.scorer,
-                            first_error=self.first_error, teacher=self.teacher, vocab_size=self.vocab_size,
-                            batch_size=self.batch_size, sampled=self.sampled)
+            results = evaluate(student, self.tokenizer, self.examples, self.params, scorer=self.scorer,
+                               first_error=self.first_error, teacher=self.teacher, vocab_size=self.vocab_size,
+                               batch_size=self.batch_size, sampled=self.sampled)
+            for extra in self.extras:
+                results.update(extra(student))
+            return results
 
 
 @torch.no_grad()

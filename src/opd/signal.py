@@ -125,6 +125,13 @@ class TeacherSignal:
             return TeacherSignal(token_logprobs_BC=self.token_logprobs(ids_BC, **common), metrics=self.metrics)
         raise ValueError(f"unknown signal form {form!r}")
 
+    def with_logits(self) -> TeacherSignal:
+        """The same signal with a fused teacher's hidden states turned into logits (for small
+        diagnostic batches that read the logits themselves)."""
+        if self.logits_BCV is None or isinstance(self.logits_BCV, torch.Tensor):
+            return self
+        return replace(self, logits_BCV=self.logits_BCV.logits())
+
     def require_logits(self, what: str = "full logits") -> torch.Tensor:
         if self.logits_BCV is None:
             raise ValueError(f"this teacher exposes no full logits, which {what} needs")

@@ -49,6 +49,7 @@ from opd.parallel import (
     deepspeed_accelerator_kwargs,
 )
 from opd.teachers import pop_teacher_stats
+from opd.trackers import check_installed
 
 _RESUMABLE_CHANGES = {
     "train.steps", "train.output_dir", "train.progress", "train.tensorboard", "train.eval_every",
@@ -56,6 +57,7 @@ _RESUMABLE_CHANGES = {
     # where and how a served teacher is reached (not what it computes)
     "teacher.url", "teacher.timeout_s", "teacher.max_retries", "teacher.backoff_s", "teacher.concurrency",
     "teacher.request_batch", "teacher.api_key_env",
+    "train.report_to", "train.report_project",  # experiment trackers (issue 18)
 }
 
 
@@ -153,6 +155,8 @@ def train(config: RunConfig, *, resume: bool = False, log: Any = print) -> Train
     started = time.perf_counter()
     if config.train.threads:
         torch.set_num_threads(config.train.threads)
+    trackers = config.train.trackers()
+    check_installed(trackers)  # a missing tracker package fails here, before any model loads
     accelerator, parallel = _distributed(config)
     is_main = accelerator.is_main_process
     run_dir = check_run_dir(config, resume)
@@ -167,8 +171,9 @@ def train(config: RunConfig, *, resume: bool = False, log: Any = print) -> Train
     counters = {**dict.fromkeys(COUNTERS, 0.0), **run.counters}  # cumulative, restored on resume
     start_step = _resume(run_dir, config, parallel, model, optimizer, scheduler, run, counters, log) \
         if resume else 0
-    metrics_log = MetricsLogger(run_dir, tensorboard=config.train.tensorboard, enabled=is_main,
-                                resume_step=start_step if resume else None)
+    metrics_log = MetricsLogger(run_dir, trackers=trackers, enabled=is_main, resume_step=start_step if resume else None,
+                                accelerator=accelerator, project=config.train.report_project,
+                                config=config.model_dump(mode="json"))
     loop_start = time.perf_counter()
     try:
         weights = StudentWeights(parallel, model, lambda: build.fresh_student(config), step=start_step)
