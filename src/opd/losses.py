@@ -220,6 +220,16 @@ def _minillm(config: Any, vocab_size: int) -> Objective:
     return MiniLLM(config.loss.clip_eps, config.loss.gamma, Common.of(config, vocab_size))
 
 
+def _group_rewards(signal: TeacherSignal, batch: SequenceBatch, device: torch.device, what: str
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
+    """Completion ids, mask, sampler log-probs, the sequence rewards and their group-normalised advantages."""
+    ids_BC, mask_BC, sampler_BC = _completion(batch, device)
+    if signal.rewards_B is None or batch.group_B is None:
+        raise ValueError(f"{what} needs sequence rewards and the sample groups")
+    rewards_B = signal.rewards_B.to(device)
+    return ids_BC, mask_BC, sampler_BC, rewards_B, objectives.group_advantages(rewards_B, batch.group_B.to(device))
+
+
 def kd_coef_at(cfg: Any, step: int) -> float:
     """KDRL's linearly annealed KD weight: ``max(kd_coef - kd_coef_decay * (step - 1), kd_coef_min)``."""
     if cfg.kd_coef_decay == 0.0:
@@ -238,12 +248,8 @@ class KDRL:
 
     def __call__(self, student_logits_BCV: torch.Tensor, signal: TeacherSignal, batch: SequenceBatch, *,
                  step: int, num_tokens: float) -> tuple[torch.Tensor, dict[str, float]]:
-        device = student_logits_BCV.device
-        ids_BC, mask_BC, sampler_BC = _completion(batch, device)
-        if signal.rewards_B is None or batch.group_B is None:
-            raise ValueError("kdrl needs the verifier's rewards and the sample groups")
-        rewards_B = signal.rewards_B.to(device)
-        advantages_B = objectives.group_advantages(rewards_B, batch.group_B.to(device))
+        ids_BC, mask_BC, sampler_BC, rewards_B, advantages_B = _group_rewards(
+            signal, batch, student_logits_BCV.device, "kdrl (the verifier's rewards)")
         kd_mask_B = (rewards_B < 1.0).float() if self.loss_cfg.kd_mask_correct else None
         coef = kd_coef_at(self.loss_cfg, step)
         kw = self.common.kwargs()
@@ -274,12 +280,8 @@ class DiscriminatorPG:
 
     def __call__(self, student_logits_BCV: torch.Tensor, signal: TeacherSignal, batch: SequenceBatch, *,
                  step: int, num_tokens: float) -> tuple[torch.Tensor, dict[str, float]]:
-        device = student_logits_BCV.device
-        ids_BC, mask_BC, sampler_BC = _completion(batch, device)
-        if signal.rewards_B is None or batch.group_B is None:
-            raise ValueError("gad needs the discriminator's rewards and the sample groups")
-        rewards_B = signal.rewards_B.to(device)
-        advantages_B = objectives.group_advantages(rewards_B, batch.group_B.to(device))
+        ids_BC, mask_BC, sampler_BC, rewards_B, advantages_B = _group_rewards(
+            signal, batch, student_logits_BCV.device, "gad (the discriminator's rewards)")
         loss, _, metrics = objectives.sequence_reward_pg(
             student_logits_BCV, ids_BC, mask_BC, advantages_B, num_tokens=num_tokens, sampler_logprobs_BC=sampler_BC,
             importance_cap=self.importance_cap, **self.common.kwargs(),
