@@ -242,6 +242,11 @@ class RolloutConfig(_Section):
     )
     server_start_timeout_s: float = Field(600.0, gt=0.0, description="vllm_server: seconds to wait for the server "
                                           "opd starts to answer.")
+
+    @field_validator("server_cpus", mode="before")
+    @classmethod
+    def _cpu_list(cls, value: Any) -> Any:
+        return str(value) if isinstance(value, int) else value  # `server_cpus=0` on the command line is an int
     server_timeout_s: float = Field(600.0, gt=0.0, description="vllm_server: seconds to wait for one request.")
     server_retries: int = Field(3, ge=0, description="vllm_server: retries of a failed request.")
     request_concurrency: int = Field(64, ge=1, description="vllm_server: requests in flight per process.")
