@@ -149,7 +149,7 @@ def test_padding_rows_are_sliced_and_different_tokenizers_refused(tokenizer, tin
     vocab = shared_vocab_size(tokenizer, student, teacher.model)
     assert vocab == len(tokenizer)
     batch = build_batch([tokenizer("1 2 =").input_ids], [[5, 6, tokenizer.eos_token_id]], tokenizer.pad_token_id)
-    teacher_logits = teacher.score(batch)
+    teacher_logits = teacher.score(batch).logits_BCV
     student_logits = completion_logits(student, batch.input_ids_BT, batch.attention_mask_BT, 3)
     assert teacher_logits.shape == (1, 3, vocab + 7) and student_logits.shape == (1, 3, vocab)
     # padded teacher logits are compared on the shared vocabulary only

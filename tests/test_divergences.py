@@ -290,3 +290,64 @@ def test_fused_kernel_is_chosen_only_for_large_chunks_and_falls_back_when_compil
 
 def _raising_compiled(*args):
     raise RuntimeError("InvalidCxxCompiler: no working C++ compiler found")
+
+
+# --- review defects (issue 13) -------------------------------------------------------------------
+
+
+def test_topk_tail_keeps_a_tiny_student_tail_exact_in_fp32():
+    """The student's tail bucket used to be log1mexp(logsumexp(top-k)), which cancels in fp32 once the
+    student's mass outside the top-k is below ~1e-7: forward KL came out 7.97 instead of 3.23 and the
+    gradient pushing mass back into the tail vanished. It now comes from the other logits."""
+    from opd.divergences import topk_per_token
+
+    V, K = 8, 4
+    student = torch.zeros(1, 1, V, dtype=torch.float64)
+    student[..., K:] = -22.0  # student tail ~ 4 e^-22 / 4 ~ 2.8e-10
+    teacher_p = torch.tensor([0.4, 0.25, 0.1, 0.071], dtype=torch.float64)  # tail 0.179
+    top_lp = teacher_p.log().reshape(1, 1, K)
+    top_ids = torch.arange(K).reshape(1, 1, K)
+
+    def run(dtype):
+        s = student.to(dtype).clone().requires_grad_(True)
+        value = topk_per_token("forward_kl", s, top_lp.to(dtype), top_ids, support="tail")
+        value.sum().backward()
+        return value.item(), s.grad.to(torch.float64)
+
+    value64, grad64 = run(torch.float64)
+    value32, grad32 = run(torch.float32)
+    q = torch.softmax(student[0, 0], -1)
+    q_buckets = torch.cat([q[:K], q[K:].sum()[None]])
+    p_buckets = torch.cat([teacher_p, (1 - teacher_p.sum())[None]])
+    exact = float((p_buckets * (p_buckets.log() - q_buckets.log())).sum())
+    assert value64 == pytest.approx(exact, rel=1e-12)
+    assert value32 == pytest.approx(exact, rel=1e-5)
+    # d/dz_tail of KL(p || q) = q_v - p_tail q_v / q_tail: the tail logits are pushed up by ~p_tail / 4 each.
+    assert grad64[0, 0, K:].sum().item() == pytest.approx(-0.179, rel=1e-3)
+    assert torch.allclose(grad32, grad64, rtol=1e-4, atol=1e-7)
+
+
+def test_tail_logprob_gradient_and_empty_tail():
+    from opd.divergences import tail_logprob
+
+    logits = torch.randn(5, 9, dtype=torch.float64, requires_grad=True)
+    ids = torch.tensor([[0, 1, 2], [3, 3, 4], [8, 7, 6], [0, 5, 2], [1, 2, 3]])
+    assert torch.autograd.gradcheck(lambda z: tail_logprob(z, ids, temperature=0.7, chunk_size=2), (logits,))
+    expected = torch.log1p(-torch.softmax(logits / 0.7, -1).gather(-1, ids).sum(-1))
+    got = tail_logprob(logits, ids, temperature=0.7)
+    assert torch.allclose(got[[0, 2, 3, 4]], expected[[0, 2, 3, 4]])  # row 1 repeats id 3 (counted once)
+    everything = torch.arange(9).repeat(5, 1)
+    full = tail_logprob(logits, everything)
+    full.sum().backward()
+    assert torch.isfinite(full).all() and (full == math.log(1e-20)).all() and torch.isfinite(logits.grad).all()
+
+
+def test_a_second_backward_through_the_inplace_divergence_raises():
+    """The early `return None` for a consumed buffer used to run before the one-backward check, so a
+    second backward silently produced no gradient."""
+    student = torch.randn(3, 5, requires_grad=True)
+    teacher = torch.randn(3, 5)
+    loss = per_token("reverse_kl", student, teacher).sum()
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="one backward pass"):
+        loss.backward()

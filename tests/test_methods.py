@@ -10,9 +10,10 @@ import torch
 
 from conftest import base_overrides, tiny_llama
 from opd import divergences, objectives
+from opd.build import build_objective
 from opd.cli import main
 from opd.config import RolloutConfig, load_config, recipe_names
-from opd.losses import kd_coef_at, micro_batch_loss
+from opd.losses import kd_coef_at
 from opd.rollout import AdaptiveOffPolicy, SamplingParams, build_batch, co_generate
 
 torch.set_default_dtype(torch.float32)
@@ -393,7 +394,7 @@ def test_recipe_trains_end_to_end(tiny_setup, tmp_path, recipe):
     assert (out / "final" / "model.safetensors").exists()
 
 
-def test_micro_batch_loss_of_topk_recipe_equals_full_divergence_at_full_k(tiny_setup, tmp_path, tokenizer):
+def test_objective_of_topk_recipe_equals_full_divergence_at_full_k(tiny_setup, tmp_path, tokenizer):
     vocab = len(tokenizer)
     full = load_config("on_policy_rkl", base_overrides(tiny_setup, tmp_path / "a"))
     topk = load_config("topk_rkl", base_overrides(tiny_setup, tmp_path / "b", **{"teacher.top_k": vocab,
@@ -401,8 +402,10 @@ def test_micro_batch_loss_of_topk_recipe_equals_full_divergence_at_full_k(tiny_s
     student, teacher, _, _ = _setup(V=vocab + 3)
     batch = build_batch([[3, 4], [5]], [[6, 7, 2], [8, 2]], tokenizer.pad_token_id)
     s, t = student[:, :3], teacher[:, :3]
-    a, _ = micro_batch_loss(full, batch, s, t, step=1, num_tokens=5, vocab_size=vocab)
-    b, _ = micro_batch_loss(topk, batch, s, t, step=1, num_tokens=5, vocab_size=vocab)
+    from opd.signal import TeacherSignal
+
+    a, _ = build_objective(full, vocab)(s, TeacherSignal(logits_BCV=t), batch, step=1, num_tokens=5)
+    b, _ = build_objective(topk, vocab)(s, TeacherSignal(logits_BCV=t), batch, step=1, num_tokens=5)
     assert torch.allclose(a, b)
 
 
@@ -507,10 +510,10 @@ def test_text_only_teacher_with_another_tokenizer_talks_through_text(tiny_setup,
     out = tmp_path / "seqkd"
     assert main(["train", "seqkd", *base_overrides(tiny_setup, out, **{
         "teacher.model": str(teacher_dir), "teacher.kind": "text", "data.eval": "null"})]) == 0
+    from opd.build import make_teacher
     from opd.config import TeacherConfig
-    from opd.teachers import LocalTeacher
 
-    teacher = LocalTeacher.from_config(TeacherConfig(kind="text", model=str(teacher_dir)), tokenizer)
+    teacher = make_teacher(TeacherConfig(kind="text", model=str(teacher_dir)), tokenizer)
     prompts = [tokenizer("1 2 =").input_ids]
     torch.manual_seed(0)
     answer = teacher.generate(prompts, SamplingParams(max_new_tokens=6))[0]

@@ -44,7 +44,9 @@ def _naive_pg(student, teacher_lp, ids, mask, num_tokens, gamma, sampler_lp, est
         old = [sampler_lp[b, t] if sampler_lp is not None else lp[t].detach() for t in range(C)]
         rewards = []
         for t in range(C):
-            r = (teacher_lp[b, t] - old[t]).item()
+            # The reward is the student's own reverse-KL estimate, whoever sampled (issue 13 defect 1);
+            # the sampler's log-prob only enters the importance ratio below.
+            r = (teacher_lp[b, t] - lp[t].detach()).item()
             k = {"k1": -r, "k2": 0.5 * r * r, "k3": math.expm1(r) - r}[estimator]
             rewards.append(-k * mask[b, t].item())
         for t in range(C):
@@ -93,3 +95,37 @@ def test_student_equal_to_teacher_gives_zero_advantage():
     loss, _ = sampled_token_pg(logits, teacher_lp, ids, torch.ones(1, 6), num_tokens=6)
     loss.backward()
     assert abs(loss.item()) < 1e-6 and logits.grad.abs().max().item() < 1e-6
+
+
+def test_sampled_token_pg_under_a_mixture_sampler_has_the_reverse_kl_gradient_exactly():
+    """Issue 13, defect 1. Exact enumeration of every 2-token answer over a 4-token vocabulary, drawn
+    from MiniLLM's mixture (1 - a) q + a p (a = 0.2): the expected gradient of the sampled-token loss
+    must be the token-level reverse-KL gradient on the same prefixes. With the sampler's log-prob in
+    the reward (the old code) it was off by ~0.1."""
+    from opd import divergences
+
+    V, alpha, num_tokens = 4, 0.2, 2.0
+    gen = torch.Generator().manual_seed(3)
+    # one logit row per context: the prompt (row 0), then "first token was v" (row 1 + v)
+    theta = torch.randn(1 + V, V, generator=gen, dtype=torch.float64, requires_grad=True)
+    teacher = torch.randn(1 + V, V, generator=gen, dtype=torch.float64)
+    q = torch.softmax(theta.detach(), -1)
+    p = torch.softmax(teacher, -1)
+    mix = (1 - alpha) * q + alpha * p
+    expected_grad = torch.zeros_like(theta)
+    reference_grad = torch.zeros_like(theta)
+    for y1 in range(V):
+        for y2 in range(V):
+            rows = torch.tensor([0, 1 + y1])
+            ids = torch.tensor([[y1, y2]])
+            weight = float(mix[0, y1] * mix[1 + y1, y2])  # the probability the sampler writes (y1, y2)
+            student = theta[rows][None]
+            teacher_lp = torch.log_softmax(teacher[rows], -1).gather(-1, ids.T).T
+            sampler_lp = mix[rows].log().gather(-1, ids.T).T
+            loss, _ = sampled_token_pg(student, teacher_lp, ids, torch.ones(1, 2, dtype=torch.float64),
+                                       num_tokens=num_tokens, sampler_logprobs_BC=sampler_lp)
+            expected_grad += weight * torch.autograd.grad(loss, theta)[0]
+            kl = divergences.per_token("reverse_kl", theta[rows][None], teacher[rows][None]).sum() / num_tokens
+            reference_grad += weight * torch.autograd.grad(kl, theta)[0]
+    assert reference_grad.norm() > 0.1
+    torch.testing.assert_close(expected_grad, reference_grad, rtol=1e-9, atol=1e-12)

@@ -33,7 +33,7 @@ def test_self_teacher_scores_completions_behind_the_privileged_prompt(tokenizer)
     completions = [[5, 6, 2], [7, 2]]
     batch = build_batch([e.prompt_ids for e in examples], completions, tokenizer.pad_token_id)
     batch.examples = examples
-    got = teacher.score(batch)
+    got = teacher.score(batch).logits_BCV
     # the same thing built by hand: privileged prompt text, tokenised, then the completion
     manual = build_batch([tokenizer("+ 1 3 1 2 =").input_ids, tokenizer("- 4 4 =").input_ids], completions,
                          tokenizer.pad_token_id)

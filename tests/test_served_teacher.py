@@ -8,14 +8,20 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 import threading
+import time
+import urllib.request
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from conftest import assert_served_matches_local, base_overrides
 from opd import objectives
-from opd.cache import TeacherCache, build_teacher_cache
+from opd.cache import TeacherCache
+from opd.cache_teacher import build_teacher_cache
 from opd.cli import main
 from opd.config import TeacherConfig, load_config
 from opd.fault_proxy import FaultProxy
@@ -45,7 +51,7 @@ def _batch(tokenizer):
 def test_served_scores_equal_the_local_teacher(server, tiny_setup, tokenizer):
     batch = _batch(tokenizer)
     served = ServedTeacher(TeacherConfig(kind="served", url=server, top_k=5, request_batch=2), tokenizer)
-    signal = served.score_signal(batch)
+    signal = served.score(batch)
     local_lp, top_lp, top_ids = assert_served_matches_local(signal, tiny_setup / "teacher", batch, tokenizer,
                                                             k=5, atol=1e-5)
     vocab = len(tokenizer)
@@ -74,14 +80,14 @@ def test_training_with_a_served_teacher(server, tiny_setup, tmp_path, recipe, ex
 
 def test_faults_are_retried_and_nothing_is_mis_scored(server, tokenizer):
     batch = _batch(tokenizer)
-    clean = ServedTeacher(TeacherConfig(kind="served", url=server, top_k=3), tokenizer).score_signal(batch)
+    clean = ServedTeacher(TeacherConfig(kind="served", url=server, top_k=3), tokenizer).score(batch)
     schedule = ["timeout", "http500", "drop", "truncate", "invalid_json", "http503", "slow", "ok"]
     proxy = FaultProxy(server, schedule=schedule, hold_s=1.0, slow_s=0.2).start()
     try:
         cfg = TeacherConfig(kind="served", url=proxy.url, top_k=3, timeout_s=0.6, backoff_s=0.01, max_retries=8,
                             request_batch=3, concurrency=1)
         served = ServedTeacher(cfg, tokenizer)
-        got = served.score_signal(batch)
+        got = served.score(batch)
     finally:
         proxy.stop()
     assert torch.equal(got.token_logprobs_BC, clean.token_logprobs_BC)
@@ -127,7 +133,7 @@ def test_api_key_from_the_environment_is_required_and_never_written(tiny_setup, 
         monkeypatch.delenv("OPD_TEACHER_API_KEY", raising=False)
         without = ServedTeacher(TeacherConfig(kind="served", url=url, backoff_s=0.01), tokenizer)
         with pytest.raises(TeacherServerError, match="HTTP 401"):
-            without.score_signal(_batch(tokenizer))
+            without.score(_batch(tokenizer))
         assert without.pop_stats()["teacher/retries"] == 0  # an auth error is not retried
         monkeypatch.setenv("OPD_TEACHER_API_KEY", "s3cret-key")
         out = tmp_path / "run"
@@ -284,7 +290,7 @@ def test_teacher_scores_chat_prompts_with_its_own_template(tiny_setup, tmp_path,
     batch = build_batch([e.prompt_ids for e in examples], [[14, 5, 2], [15, 7, 8, 2]], tokenizer.pad_token_id)
     batch.examples = examples
     local = LocalTeacher.from_config(TeacherConfig(model=str(teacher_dir)), student_tok)
-    got = local.score(batch)
+    got = local.score(batch).logits_BCV
     own = [teacher_tok(teacher_tok.apply_chat_template(m, tokenize=False, add_generation_prompt=True),
                        add_special_tokens=False).input_ids for m in messages]
     manual = build_batch(own, [[14, 5, 2], [15, 7, 8, 2]], tokenizer.pad_token_id)
@@ -300,9 +306,75 @@ def test_teacher_scores_chat_prompts_with_its_own_template(tiny_setup, tmp_path,
     try:
         url = f"http://127.0.0.1:{srv.server_address[1]}"
         served = ServedTeacher(TeacherConfig(kind="served", url=url, tokenizer=str(teacher_dir)), student_tok)
-        signal = served.score_signal(batch)
+        signal = served.score(batch)
     finally:
         srv.shutdown()
         srv.server_close()
     lp = objectives.token_logprobs(expected, batch.completion_ids_BC, vocab_size=len(tokenizer))
     assert ((signal.token_logprobs_BC - lp).abs() * batch.completion_mask_BC).max() < 1e-5
+
+
+# --- teacher server pools ------------------------------------------------------------------------------
+
+
+def _serve(model_dir, port):
+    proc = subprocess.Popen([sys.executable, "-m", "opd.cli", "serve-teacher", str(model_dir), "--port", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=2):
+                return proc
+        except OSError:
+            time.sleep(0.2)
+    proc.kill()
+    raise RuntimeError("opd serve-teacher did not start")
+
+
+def test_a_pool_of_served_teachers_survives_losing_one(tiny_setup, tmp_path, tokenizer):
+    """Two real teacher servers; requests are spread over both; one is killed (by its PID) mid-run and the
+    run finishes on the other, with the same weights as a run against one server (identical scores)."""
+    from opd.vllm_engine import free_port
+
+    ports = [free_port(), free_port()]
+    servers = [_serve(tiny_setup / "teacher", port) for port in ports]
+    urls = [f"http://127.0.0.1:{port}" for port in ports]
+    try:
+        pool = ServedTeacher(TeacherConfig(kind="served", url=urls, top_k=3, request_batch=1, concurrency=2),
+                             tokenizer)
+        batch = _batch(tokenizer)
+        first = pool.score(batch)
+        stats = pool.pop_stats()
+        assert stats["teacher/requests"] == 3 and stats["teacher/servers_down"] == 0
+        servers[0].kill()  # the least busy server is gone: its requests move to the other
+        servers[0].wait()
+        again = pool.score(batch)
+        assert torch.equal(first.token_logprobs_BC, again.token_logprobs_BC)
+        stats = pool.pop_stats()
+        assert stats["teacher/connection_errors"] >= 1 and stats["teacher/servers_down"] == 1
+
+        # one sequence per request: the server's scores then do not depend on how requests were batched
+        common = {"teacher.kind": "served", "data.eval": "null", "train.steps": 4, "teacher.server_cooldown_s": 60,
+                  "train.threads": 1, "teacher.request_batch": 1, "teacher.concurrency": 2}
+        single = tmp_path / "single"
+        assert main(["train", "sampled_token_opd", *base_overrides(tiny_setup, single, **common,
+                                                                   **{"teacher.url": urls[1]})]) == 0
+        servers[0] = _serve(tiny_setup / "teacher", ports[0])
+        pooled = tmp_path / "pooled"
+        overrides = base_overrides(tiny_setup, pooled, **common, **{"teacher.url": json.dumps(urls)})
+        done = subprocess.Popen([sys.executable, "-m", "opd.cli", "train", "sampled_token_opd", *overrides,
+                                 "train.log_every=1"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        deadline = time.monotonic() + 120
+        metrics = pooled / "metrics.jsonl"
+        while done.poll() is None and not (metrics.exists() and metrics.read_text().strip()) \
+                and time.monotonic() < deadline:
+            time.sleep(0.01)
+        servers[0].kill()  # mid-run
+        _, err = done.communicate(timeout=300)
+        assert done.returncode == 0, err.decode()[-2000:]
+        a = load_file(str(single / "final" / "model.safetensors"))
+        b = load_file(str(pooled / "final" / "model.safetensors"))
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    finally:
+        for proc in servers:
+            proc.kill()

@@ -218,7 +218,7 @@ def test_nonfinite_steps_are_skipped_then_stop_the_run(tiny_setup, tmp_path, cap
 
 
 def test_prefix_opd_schedule_truncates_rollouts(tiny_setup, tmp_path):
-    from opd.trainer import rollout_length
+    from opd.rollout import rollout_length
 
     cfg = load_config("prefix_opd", ["model.student=s", "teacher.model=t", "data.train=d.jsonl",
                                      "rollout.prefix_tokens=2", "rollout.prefix_tokens_final=5",
@@ -316,6 +316,6 @@ def test_teacher_compute_in_equals_autocast_over_fp32_weights(tokenizer, tied):
     batch = build_batch([[5, 6, 7], [8, 9]], [[10, 11, 12], [13]], tokenizer.pad_token_id)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         expected = completion_logits(reference, batch.input_ids_BT, batch.attention_mask_BT, batch.completion_len)
-    assert torch.equal(teacher.score(batch), expected)
+    assert torch.equal(teacher.score(batch).logits_BCV, expected)
     answers = teacher.generate([[5, 6, 7]], SamplingParams(max_new_tokens=4, greedy=True))
     assert len(answers) == 1 and 1 <= len(answers[0]) <= 4

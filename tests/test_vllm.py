@@ -260,7 +260,7 @@ class TestServedTeacher:
         batch = build_batch(prompts, completions, tokenizer.pad_token_id)
         cfg = TeacherConfig(kind="served", url=server, served_model=str(models / "teacher"), top_k=5,
                             request_batch=2, timeout_s=120)
-        signal = ServedTeacher(cfg, tokenizer).score_signal(batch)
+        signal = ServedTeacher(cfg, tokenizer).score(batch)
         assert_served_matches_local(signal, models / "teacher", batch, tokenizer, k=5, atol=1e-4)
 
     def test_training_with_a_vllm_teacher(self, server, models, tiny_setup, tmp_path):
@@ -301,3 +301,140 @@ class TestTrainingWithTheEngine:
         a = load_file(str(straight / "final" / "model.safetensors"))
         b = load_file(str(resumed / "final" / "model.safetensors"))
         assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+# --- rollout.engine=vllm_server: a vLLM server shared by the trainer ranks --------------------------------
+
+
+class _OneProcess:
+    """What the sampler needs of accelerate's Accelerator, for one process."""
+
+    is_main_process = True
+    num_processes = 1
+
+    def wait_for_everyone(self) -> None:
+        pass
+
+    def unwrap_model(self, model):
+        return model
+
+
+class TestRolloutServer:
+    def test_server_samples_like_the_engine_and_weights_are_pushed(self, models, tokenizer):
+        """Greedy samples of the server equal the in-process engine's at the same weights; pushed weights
+        change them (to exactly what the engine gives for the new weights); sampler log-probs are those of
+        the student's own forward."""
+        from opd.config import RolloutConfig
+        from opd.parallel import DataParallel, StudentWeights
+        from opd.rollout import stop_token_ids
+        from opd.rollout_server import VLLMServerSampler
+
+        student = load_causal_lm(str(models / "student"))
+        vocab = len(tokenizer)
+        sampler = VLLMServerSampler(RolloutConfig(engine="vllm_server", vllm_kv_cache_gb=1), model_dir=str(
+            models / "student"), tokenizer=tokenizer, eos_ids=stop_token_ids(student, tokenizer),
+            output_rows=vocab + PADDING_ROWS, max_model_len=64, dtype="float32", accelerator=_OneProcess())
+        accelerator = _OneProcess()
+        weights = StudentWeights(DataParallel(accelerator), student, lambda: None)
+        prompts = _prompts(tokenizer)
+        greedy = SamplingParams(max_new_tokens=8, greedy=True, vocab_size=vocab)
+        try:
+            sampler.start(weights)
+            served, _, metrics = sampler.sample(student, prompts, greedy)
+            assert metrics["rollout/weight_version"] == 0
+            assert served == hf_generate(student, prompts, greedy, tokenizer)
+            # sampled at T = 1: the returned log-probs are the student's own (processed = plain at T = 1)
+            sampled, lps, _ = sampler.sample(student, prompts, SamplingParams(max_new_tokens=8, vocab_size=vocab))
+            logits, batch = _hf_logits(student, prompts, sampled, tokenizer.pad_token_id)
+            ref = objectives.token_logprobs(logits, batch.completion_ids_BC, vocab_size=vocab)
+            got = torch.zeros_like(ref)
+            for i, row in enumerate(lps):
+                got[i, : len(row)] = torch.tensor(row)
+            assert _max_diff(got, batch, ref) < 1e-4
+            other = load_causal_lm(str(models / "student_b"))
+            student.load_state_dict(other.state_dict())  # "a training step"
+            sampler.push(1)
+            pushed, _, metrics = sampler.sample(student, prompts, greedy)
+            assert metrics["rollout/weight_version"] == 1 and pushed != served
+            assert pushed == hf_generate(other, prompts, greedy, tokenizer)
+        finally:
+            sampler.close()
+
+    def test_two_processes_train_against_one_server_and_resume(self, models, tiny_setup, tmp_path):
+        import os
+        import shutil
+        import subprocess
+
+        from safetensors.torch import load_file
+
+        common = {"model.student": str(models / "student"), "teacher.model": str(models / "teacher"),
+                  "rollout.engine": "vllm_server", "train.steps": 4, "train.save_every": 2, "data.eval": "null",
+                  "train.batch_size": 2, "train.threads": 1}
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+
+        def run(out, *extra):
+            done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                                   "--master_port", str(_free_port()), "-m", "opd.cli", "train", "sampled_token_opd",
+                                   *base_overrides(tiny_setup, out, **common), *extra],
+                                  env=env, capture_output=True, text=True, timeout=1200)
+            assert done.returncode == 0, done.stderr[-3000:]
+            return done
+
+        straight = tmp_path / "straight"
+        run(straight, "train.log_every=1")
+        rows = [json.loads(line) for line in (straight / "metrics.jsonl").read_text().splitlines()]
+        steps = [r for r in rows if "loss/total" in r]
+        assert len(steps) == 4 and [r["rollout/weight_version"] for r in steps] == [0, 1, 2, 3]
+        resumed = tmp_path / "resumed"
+        shutil.copytree(straight, resumed)
+        shutil.rmtree(resumed / "checkpoints" / "step-00000004")
+        shutil.rmtree(resumed / "final")
+        run(resumed, "--resume")
+        a = load_file(str(straight / "final" / "model.safetensors"))
+        b = load_file(str(resumed / "final" / "model.safetensors"))
+        # the same tokens (seeded per request); the server's log-probs may differ in the last bits with batching
+        assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+
+    def test_async_rollouts_from_the_server_log_lag_one_and_resume(self, models, tiny_setup, tmp_path):
+        import shutil
+
+        from safetensors.torch import load_file
+
+        from opd.config import load_config
+        from opd.trainer import train
+
+        common = {"model.student": str(models / "student"), "teacher.model": str(models / "teacher"),
+                  "rollout.engine": "vllm_server", "rollout.async_steps": 1, "train.steps": 4,
+                  "train.save_every": 2, "data.eval": "null", "train.log_every": 1}
+        straight = tmp_path / "straight"
+        train(load_config("sampled_token_opd", base_overrides(tiny_setup, straight, **common)), log=lambda *_: None)
+        rows = [json.loads(line) for line in (straight / "metrics.jsonl").read_text().splitlines()]
+        assert [r["rollout/policy_lag"] for r in rows if "loss/total" in r] == [0, 1, 1, 1]
+        resumed = tmp_path / "resumed"
+        shutil.copytree(straight, resumed)
+        shutil.rmtree(resumed / "checkpoints" / "step-00000004")
+        shutil.rmtree(resumed / "final")
+        train(load_config("sampled_token_opd", base_overrides(tiny_setup, resumed, **common)), resume=True,
+              log=lambda *_: None)
+        a = load_file(str(straight / "final" / "model.safetensors"))
+        b = load_file(str(resumed / "final" / "model.safetensors"))
+        assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class TestDoctorWithTheEngine:
+    def test_doctor_checks_the_engines_log_probs_against_the_student(self, models, tiny_setup, tmp_path, capsys):
+        """opd doctor with rollout.engine=vllm: the engine samples the micro-batch, and its log-probs of
+        the sampled tokens equal the student's own forward (the doctor's sampler check passes)."""
+        common = {"model.student": str(models / "student"), "teacher.model": str(models / "teacher"),
+                  "rollout.engine": "vllm", "data.eval": "null"}
+        code = main(["doctor", "sampled_token_opd", *base_overrides(tiny_setup, tmp_path / "r", **common),
+                     "--only", "sampler,objective"])
+        out = capsys.readouterr().out
+        assert code == 0, out
+        assert "PASS: sampler:" in out and "engine: VLLMSampler" in out

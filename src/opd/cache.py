@@ -18,7 +18,6 @@ import hashlib
 import json
 import os
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,20 +25,12 @@ import torch
 
 from opd.checkpoint import sha256_file
 from opd.errors import DataError, OpdError, RunDirError
-from opd.rollout import SequenceBatch, build_batch
+from opd.rollout import ExampleStream, Rollouts, SequenceBatch, build_batch
+from opd.signal import TeacherSignal
+from opd.teachers import Teacher
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
-
-
-@dataclass
-class TeacherSignal:
-    """What a non-white-box teacher gives back for a batch: the log-prob of each completion
-    token ``[B, C]`` and, when available, its top-k log-probs and ids ``[B, C, k]``."""
-
-    token_logprobs_BC: torch.Tensor
-    topk_logprobs_BCK: torch.Tensor | None = None
-    topk_ids_BCK: torch.Tensor | None = None
 
 
 def _write_manifest(folder: Path, manifest: dict[str, Any]) -> None:
@@ -143,98 +134,44 @@ class TeacherCache:
             if n:
                 top_lp[i, :n] = torch.tensor(row["topk_logprobs"])
                 top_ids[i, :n] = torch.tensor(row["topk_ids"])
-        batch.teacher_signal = TeacherSignal(token_lp, top_lp, top_ids)
+        batch.teacher_signal = TeacherSignal(token_logprobs_BC=token_lp, topk_logprobs_BCK=top_lp, topk_ids_BCK=top_ids)
         return batch
 
 
-def build_teacher_cache(
-    config: Any, out_dir: str | Path, *, source: str = "student", rows: int | None = None,
-    shard_size: int = 256, log: Any = print,
-) -> Path:
-    """Write (or finish) a teacher cache for ``config``'s student, teacher and prompts.
+class CachedTeacher(Teacher):
+    """Lightning OPD's teacher (arXiv 2604.13010): the signal stored with each cached row, read back
+    instead of calling a teacher (so it scores nothing per step)."""
 
-    ``source``: who writes the cached completions — ``student`` (samples of the student at the
-    run's temperature, seeded per shard so a resumed cache matches an uninterrupted one) or
-    ``dataset`` (the reference answers). The teacher (``local`` or ``served``) stores the
-    log-prob of every completion token and its top ``teacher.top_k`` (at least 1).
-    """
-    from opd.data import load_examples
-    from opd.divergences import teacher_topk
-    from opd.models import load_causal_lm, load_tokenizer, shared_vocab_size
-    from opd.objectives import token_logprobs
-    from opd.rollout import SamplingParams, hf_generate
-    from opd.teachers import LocalTeacher, ServedTeacher
+    scores_tokens = False
 
-    if source not in ("student", "dataset"):
-        raise DataError(f"--source must be student or dataset, got {source!r}")
-    if config.teacher.kind not in ("local", "served"):
-        raise DataError(f"a cache is scored by a local or served teacher, not teacher.kind={config.teacher.kind}")
-    folder = Path(out_dir)
-    tokenizer = load_tokenizer(config.model.tokenizer or config.model.student)
-    k = max(1, config.teacher.top_k or 1)
-    settings = cache_settings(config, tokenizer, source)
-    settings["top_k"] = k
-    manifest = start_or_resume(folder, settings)
-    if manifest["complete"]:
-        log(f"{folder}: cache already complete ({manifest['rows']} rows)")
-        return folder
-    examples, _ = load_examples(config.data.train, config.data, tokenizer, limit=rows,
-                                need_answers=source == "dataset")
-    student = load_causal_lm(config.model.student, dtype=config.model.dtype,
-                             attn_implementation=config.model.attn_implementation,
-                             cpu_linear=config.train.cpu_linear) if source == "student" else None
-    if config.teacher.kind == "served":
-        teacher: Any = ServedTeacher(config.teacher, tokenizer)
-        vocab = len(tokenizer)
-    else:
-        teacher = LocalTeacher.from_config(config.teacher, tokenizer, cpu_linear=config.train.cpu_linear)
-        vocab = shared_vocab_size(tokenizer, teacher.model, *([student] if student is not None else []))
-    params = SamplingParams(max_new_tokens=config.rollout.max_new_tokens, temperature=config.temperature,
-                            top_p=config.rollout.top_p, top_k=config.rollout.top_k, vocab_size=vocab)
-    done = manifest["rows"]
-    started = time.perf_counter()
-    if done:
-        log(f"{folder}: resuming after {done} cached rows")
-    for start in range(done, len(examples), shard_size):
-        chunk = examples[start : start + shard_size]
-        shard = len(manifest["shards"])
-        if student is not None:
-            devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
-            with torch.random.fork_rng(devices=devices):
-                torch.manual_seed(config.train.seed * 1_000_003 + shard)
-                completions = []
-                for i in range(0, len(chunk), config.eval.batch_size):
-                    part = chunk[i : i + config.eval.batch_size]
-                    completions += hf_generate(student, [e.prompt_ids for e in part], params, tokenizer)
-        else:
-            completions = [list(e.answer_ids or [])[: params.max_new_tokens] for e in chunk]
-        out_rows = []
-        for i in range(0, len(chunk), config.eval.batch_size):
-            part, comps = chunk[i : i + config.eval.batch_size], completions[i : i + config.eval.batch_size]
-            batch = build_batch([e.prompt_ids for e in part], comps, tokenizer.pad_token_id)
-            if isinstance(teacher, ServedTeacher):
-                teacher.top_k = k
-                signal = teacher.score_signal(batch)
-                token_lp, top_lp, top_ids = signal.token_logprobs_BC, signal.topk_logprobs_BCK, signal.topk_ids_BCK
-            else:
-                logits = teacher.score(batch)
-                ids = batch.completion_ids_BC.to(logits.device)
-                token_lp = token_logprobs(logits, ids, temperature=config.temperature, vocab_size=vocab)
-                top_lp, top_ids = teacher_topk(logits, k, batch.completion_mask_BC.bool().to(logits.device),
-                                               temperature=config.temperature, vocab_size=vocab)
-            for j, (example, completion) in enumerate(zip(part, comps)):
-                n = len(completion)
-                out_rows.append({
-                    "prompt_ids": example.prompt_ids, "completion_ids": completion,
-                    "token_logprobs": token_lp[j, :n].tolist(),
-                    "topk_ids": top_ids[j, :n].tolist(), "topk_logprobs": top_lp[j, :n].tolist(),
-                })
-        add_shard(folder, manifest, out_rows)
-        log(f"{folder}: {manifest['rows']}/{len(examples)} rows cached "
-            f"({time.perf_counter() - started:.0f}s)")
-    finish(folder, manifest)
-    log(f"{folder}: cache complete, {manifest['rows']} rows in {len(manifest['shards'])} shards")
-    return folder
+    def __init__(self, cache: TeacherCache) -> None:
+        self.name = f"cache {cache.folder}"
+
+    def score(self, batch: SequenceBatch) -> TeacherSignal:
+        if batch.teacher_signal is None:
+            raise DataError("a cached teacher can only score rows read from its cache")
+        return batch.teacher_signal
+
+
+class CachedRollouts(Rollouts):
+    """The behaviour policy of a cached run: the cache's stored rollouts (written once by the student
+    that made the cache), walked in the seeded order of the data stream."""
+
+    def __init__(self, cache: TeacherCache, pad_id: int, seed: int, rank: int, world: int, batch_size: int,
+                 grad_accum: int, total_steps: int) -> None:
+        super().__init__(ExampleStream(list(range(cache.rows)), seed, rank, world), batch_size, grad_accum,
+                         total_steps)
+        self.cache = cache
+        self.pad_id = pad_id
+
+    @property
+    def max_new_tokens(self) -> int:
+        return int(self.cache.settings.get("max_new_tokens", 0))
+
+    def micro_batch(self, student: torch.nn.Module, step: int, rows: list[Any],
+                    generator: torch.Generator | None = None) -> tuple[SequenceBatch, dict[str, float]]:
+        batch = self.cache.batch(rows, self.pad_id)
+        return batch, {"rollout/cached_fraction": 1.0, "rollout/completion_tokens_mean": batch.num_tokens / len(rows)}
 
 
 def cache_settings(config: Any, tokenizer: Any, source: str) -> dict[str, Any]:

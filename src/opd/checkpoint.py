@@ -2,13 +2,19 @@
 
 Layout of ``RUN/checkpoints/step-00000010/``::
 
-    model.safetensors   student weights (safetensors only)
-    optimizer.pt        optimizer state (loaded with ``weights_only=True``)
+    model.safetensors   student weights (safetensors only)       } data parallel (train.distributed=ddp)
+    optimizer.pt        optimizer state (``weights_only=True``)   }
+    student/            sharded weights and optimizer states: DCP files of every process (fsdp), or
+                        DeepSpeed's checkpoint (deepspeed) — see :mod:`opd.parallel`
     scheduler.pt        LR scheduler state (``weights_only=True``)
     rng-rank{R}.safetensors   torch CPU (and CUDA) generator states of process R
     rng-rank{R}.json          python / numpy RNG states of process R
-    state.json          step, data position
-    checksums.json      SHA-256 of every file above, verified before anything is loaded
+    NAME.safetensors    modules that train or move alongside the student (an EMA self-teacher,
+                        GAD's discriminator), from the run's hooks (:mod:`opd.hooks`)
+    hooks.pt            the hooks' other state: data position, DistiLLM's phi and replay buffer,
+                        the discriminator's optimizer, ... (``weights_only=True``)
+    state.json          step, process count and compute counters
+    checksums.json      SHA-256 of every file above (in sub-folders too), verified before anything is loaded
 
 A checkpoint is written into a temporary directory and renamed into place, so a
 crash leaves either the complete previous checkpoint or the complete new one; the
@@ -23,7 +29,7 @@ import json
 import os
 import random
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +58,8 @@ def _fsync_tree(path: Path) -> None:
         if file.is_file():
             with file.open("rb") as handle:
                 os.fsync(handle.fileno())
+        elif file.is_dir():
+            _fsync_tree(file)
     _fsync_dir(path)
 
 
@@ -78,6 +86,7 @@ def commit_dir(tmp: Path, final: Path) -> None:
 
 
 CHECKSUMS = "checksums.json"
+HOOKS_FILE = "hooks.pt"
 
 
 def sha256_file(path: Path) -> str:
@@ -90,7 +99,10 @@ def sha256_file(path: Path) -> str:
 
 
 def write_checksums(folder: Path) -> None:
-    sums = {f.name: sha256_file(f) for f in sorted(folder.iterdir()) if f.is_file() and f.name != CHECKSUMS}
+    # Sharded checkpoints keep every process's files in a sub-folder; one process hashes them all
+    # (a filesystem all processes share, as on one node; the written files are fsynced first).
+    sums = {f.relative_to(folder).as_posix(): sha256_file(f) for f in sorted(folder.rglob("*"))
+            if f.is_file() and f.name != CHECKSUMS}
     (folder / CHECKSUMS).write_text(json.dumps(sums, indent=1))
 
 
@@ -145,9 +157,15 @@ def _set_rng_state(tensors: dict[str, torch.Tensor], json_state: dict[str, Any])
     np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
 
 
+def _split_states(states: dict[str, Any]) -> tuple[dict[str, torch.nn.Module], dict[str, Any]]:
+    modules = {name: value for name, value in states.items() if isinstance(value, torch.nn.Module)}
+    return modules, {name: value for name, value in states.items() if name not in modules}
+
+
 def save_checkpoint(
     run_dir: Path,
     step: int,
+    parallel: Any,
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
     scheduler: Any,
@@ -155,14 +173,17 @@ def save_checkpoint(
     keep: int,
     *,
     rank: int = 0,
+    world: int = 1,
     barrier: Callable[[], None] = lambda: None,
-    extra_modules: dict[str, torch.nn.Module] | None = None,
-    extra_states: dict[str, dict[str, Any]] | None = None,
+    hooks: Sequence[Any] = (),
 ) -> Path:
     """Write checkpoint ``step`` atomically and prune to the newest ``keep``.
 
-    Called by every process: each writes its own RNG states, process 0 writes the
-    rest and renames the directory into place once all have written.
+    Called by every process: each writes its own RNG states and its part of the student
+    (:meth:`opd.parallel.Parallel.save`: everything on process 0 for data parallel, a shard each
+    under FSDP / DeepSpeed); process 0 writes the rest and renames the directory into place once all
+    have written. ``hooks`` are the run's :class:`opd.hooks.Hooks`; their ``state_dict`` entries are
+    saved beside the student.
     """
     root = run_dir / "checkpoints"
     final = root / f"{_PREFIX}{step:08d}"
@@ -174,16 +195,15 @@ def save_checkpoint(
     rng_tensors, rng_json = _rng_state()
     save_file(rng_tensors, str(tmp / f"rng-rank{rank}.safetensors"))
     (tmp / f"rng-rank{rank}.json").write_text(json.dumps(rng_json))
+    parallel.save(tmp, model, optimizer)
     barrier()
     if rank == 0:
-        save_model(model, str(tmp / "model.safetensors"))
-        for name, module in (extra_modules or {}).items():  # e.g. an EMA self-teacher
+        modules, others = _split_states({k: v for hook in hooks for k, v in hook.state_dict().items()})
+        for name, module in modules.items():  # e.g. an EMA self-teacher
             save_model(module, str(tmp / f"{name}.safetensors"))
-        for name, state_dict in (extra_states or {}).items():  # e.g. the discriminator's optimizer
-            torch.save(state_dict, tmp / f"{name}.pt")
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(others, tmp / HOOKS_FILE)
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-        (tmp / "state.json").write_text(json.dumps({"step": step, **trainer_state}))
+        (tmp / "state.json").write_text(json.dumps({"step": step, "world": world, **trainer_state}))
         write_checksums(tmp)
         commit_dir(tmp, final)
         prune(run_dir, keep)
@@ -210,44 +230,76 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name[len(_PREFIX) :]))
 
 
-def load_checkpoint(
-    path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, *, rank: int = 0,
-    extra_modules: dict[str, torch.nn.Module] | None = None,
-    extra_states: dict[str, Any] | None = None,
-) -> dict[str, Any]:
-    """Restore weights, optimizer, scheduler and this process's RNG; returns step and data position.
+def save_student_weights(path: Path, model: torch.nn.Module) -> None:
+    """A data-parallel student's weights as ``path/model.safetensors`` (one name per shared tensor)."""
+    save_model(model, str(path / "model.safetensors"))
 
-    The checksums are verified first, so a corrupted checkpoint raises before anything is changed.
+
+def load_student_weights(path: Path, model: torch.nn.Module) -> None:
+    """A data-parallel checkpoint's ``model.safetensors`` into ``model`` (tied aliases allowed)."""
+    missing, unexpected = load_model(model, str(path / "model.safetensors"), strict=False)
+    untied_missing = [k for k in missing if not _is_tied_alias(model, k, set(missing))]
+    if unexpected or untied_missing:
+        raise RunDirError(
+            f"checkpoint {path} does not match the student model "
+            f"(missing {untied_missing[:3]}, unexpected {unexpected[:3]})"
+        )
+
+
+def load_checkpoint(
+    path: Path, parallel: Any, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, *,
+    rank: int = 0, world: int = 1, seed: int = 0, hooks: Sequence[Any] = (),
+) -> dict[str, Any]:
+    """Restore the student (weights and optimizer, through ``parallel``), scheduler, the hooks' state
+    and this process's RNG; returns the trainer state (step, counters).
+
+    A checkpoint written by another number of processes resumes only when ``parallel`` reshards
+    (FSDP's DCP); a process with no saved RNG state then starts from a stream seeded by the seed,
+    the step and its rank — the run continues deterministically, though not bitwise as it would have
+    on the old process count. The checksums are verified first, so a corrupted checkpoint raises
+    before anything is changed.
     """
     verify_checksums(path)
     try:
         state = json.loads((path / "state.json").read_text())
-        missing, unexpected = load_model(model, str(path / "model.safetensors"), strict=False)
-        untied_missing = [k for k in missing if not _is_tied_alias(model, k, set(missing))]
-        if unexpected or untied_missing:
-            raise RunDirError(
-                f"checkpoint {path} does not match the student model "
-                f"(missing {untied_missing[:3]}, unexpected {unexpected[:3]})"
-            )
-        for name, module in (extra_modules or {}).items():
-            if not (path / f"{name}.safetensors").is_file():
-                raise RunDirError(f"checkpoint {path} has no {name}.safetensors, which this run needs")
-            load_model(module, str(path / f"{name}.safetensors"))
-        for name, target in (extra_states or {}).items():  # objects with load_state_dict
-            target.load_state_dict(torch.load(path / f"{name}.pt", weights_only=True))
-        optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+        saved_world = int(state.get("world", world))
+        if saved_world != world and not parallel.resharding:
+            raise RunDirError(f"checkpoint {path} was written by {saved_world} process(es); resume with "
+                              f"{saved_world} (train.distributed=fsdp can resume on another count)")
+        parallel.load(path, model, optimizer)
+        saved = torch.load(path / HOOKS_FILE, weights_only=True) if (path / HOOKS_FILE).is_file() else {}
+        for hook in hooks:
+            modules, others = _split_states(hook.state_dict())
+            for name, module in modules.items():
+                if not (path / f"{name}.safetensors").is_file():
+                    raise RunDirError(f"checkpoint {path} has no {name}.safetensors, which this run needs")
+                load_model(module, str(path / f"{name}.safetensors"))
+            absent = [name for name in others if name not in saved]
+            if absent:
+                raise RunDirError(f"checkpoint {path} has no {absent[0]} state, which this run needs")
+            if others:
+                hook.load_state_dict({name: saved[name] for name in others})
         scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
         rng_file = path / f"rng-rank{rank}.safetensors"
-        if not rng_file.exists():
+        if rng_file.exists() and saved_world == world:
+            _set_rng_state(load_file(str(rng_file)), json.loads((path / f"rng-rank{rank}.json").read_text()))
+        elif saved_world == world:
             raise RunDirError(f"checkpoint {path} has no RNG state for process {rank}; "
                               "resume with the same number of processes")
-        _set_rng_state(load_file(str(rng_file)), json.loads((path / f"rng-rank{rank}.json").read_text()))
+        else:
+            _seed_everything(seed * 1_000_003 + int(state["step"]) * 1_009 + rank)
     except RunDirError:
         raise
     except Exception as exc:  # corrupt files raise many unrelated types (SafetensorError, UnpicklingError, ...)
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise RunDirError(f"cannot resume from {path}: {first}") from None
     return state
+
+
+def _seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
 
 
 def _is_tied_alias(model: torch.nn.Module, key: str, missing: set[str]) -> bool:

@@ -1,4 +1,5 @@
-"""Command line: ``opd train``, ``eval``, ``demo``, ``recipes``, ``report``, ``cache-teacher``, ``serve-teacher``.
+"""Command line: ``opd train``, ``eval``, ``demo``, ``recipes``, ``report``, ``cache-teacher``, ``serve-teacher``,
+``doctor``.
 
 Every user error prints one line (``opd: error: ...``) and exits with code 2;
 ``--debug`` shows the traceback instead.
@@ -101,6 +102,24 @@ def build_parser() -> argparse.ArgumentParser:
     _add_debug(p_demo)
 
     sub.add_parser("recipes", help="list the shipped recipes")
+
+    p_doctor = sub.add_parser(
+        "doctor", help="preflight a run: tokenizers, objective, teacher signal, overlap, calibration, memory",
+        description="Load what `opd train CONFIG` would load, write one micro-batch, score it and compute the "
+        "loss and gradient (no optimizer step), then print PASS / WARN / FAIL / SKIP per check with the number "
+        "behind it and what to do. Exits 1 when a check fails. Checks: template, objective, signal, sampler, "
+        "topk, calibration, length, memory (README: \"opd doctor\").",
+    )
+    p_doctor.add_argument("config", help="YAML file or recipe name")
+    p_doctor.add_argument("overrides", nargs="*", help="section.key=value overrides")
+    p_doctor.add_argument("--only", help="comma-separated checks to run (default: all)")
+    p_doctor.add_argument("--prompts", type=int, default=16, help="prompts sampled for calibration and length")
+    p_doctor.add_argument("--top-k", type=int, default=20, help="k of the overlap check when teacher.top_k is unset")
+    p_doctor.add_argument("--local-teacher", help="a local copy of a served / cached teacher, to verify its log-probs")
+    p_doctor.add_argument("--memory-gb", type=float, help="memory a step may use (default: the device's)")
+    p_doctor.add_argument("--threshold", action="append", default=[], metavar="NAME=VALUE",
+                          help="override a threshold (see opd.doctor.Thresholds); repeatable")
+    _add_debug(p_doctor)
 
     p_report = sub.add_parser(
         "report", help="compare run directories: PNG plots and an index.html",
@@ -229,6 +248,23 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_doctor(args: argparse.Namespace) -> int:
+    from opd.config import load_config
+    from opd.doctor import CHECKS, Options, Thresholds, run_doctor
+    from opd.errors import ConfigError
+    from opd.trainer import check_trainable
+
+    if args.prompts < 1 or args.top_k < 1:
+        raise ConfigError("--prompts and --top-k must be >= 1")
+    only = tuple(c.strip() for c in args.only.split(",") if c.strip()) if args.only else CHECKS
+    options = Options(only=only, prompts=args.prompts, top_k=args.top_k, local_teacher=args.local_teacher,
+                      memory_gb=args.memory_gb, thresholds=Thresholds.parse(args.threshold),
+                      debug=getattr(args, "debug", False))
+    config = load_config(args.config, args.overrides)
+    check_trainable(config)
+    return run_doctor(config, options)
+
+
 def _cmd_recipes(args: argparse.Namespace) -> int:
     from opd.config import recipe_names
 
@@ -252,7 +288,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 
 def _cmd_cache_teacher(args: argparse.Namespace) -> int:
-    from opd.cache import build_teacher_cache
+    from opd.cache_teacher import build_teacher_cache
     from opd.config import load_config
     from opd.errors import ConfigError
 
@@ -289,7 +325,7 @@ def main(argv: list[str] | None = None) -> int:
 
     hf_logging.disable_progress_bar()  # opd prints its own progress
     handlers: dict[str, Any] = {"train": _cmd_train, "eval": _cmd_eval, "demo": _cmd_demo, "recipes": _cmd_recipes,
-                                "report": _cmd_report, "cache-teacher": _cmd_cache_teacher,
+                                "report": _cmd_report, "cache-teacher": _cmd_cache_teacher, "doctor": _cmd_doctor,
                                 "serve-teacher": _cmd_serve_teacher}
     debug = getattr(args, "debug", False)
     from opd.errors import OpdError

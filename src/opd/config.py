@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from opd.errors import ConfigError
 
@@ -71,7 +71,14 @@ class TeacherConfig(_Section):
         "ema", description="Self-teacher weights: the live student, a frozen copy of the initial student, or an EMA.",
     )
     ema_decay: float = Field(0.99, ge=0.0, lt=1.0, description="EMA decay of the self-teacher per optimizer step.")
-    url: str | None = Field(None, description="Served teacher: base URL of the completions server.")
+    url: str | list[str] | None = Field(
+        None, description="Served teacher: base URL of the completions server, or a list of servers (a pool: "
+        "requests go to the least busy healthy one; one that fails is set aside for server_cooldown_s and the "
+        "request retried on another, so the run survives losing all but one).",
+    )
+    server_cooldown_s: float = Field(
+        30.0, gt=0.0, description="Served teacher pool: seconds a failed server is left out before it is tried again.",
+    )
     served_model: str | None = Field(None, description="Served teacher: model name sent in requests (default: model).")
     api_key_env: str | None = Field(
         "OPD_TEACHER_API_KEY", description="Served teacher: environment variable holding the API key (sent as a "
@@ -95,6 +102,15 @@ class TeacherConfig(_Section):
     top_k: int | None = Field(
         None, ge=1, description="The teacher exposes only its top-k log-probs per position (teacher-side memory "
         "O(T k), what served teachers and caches return); null = full logits. See `loss.topk_support`.",
+    )
+    device: str | None = Field(
+        None, description="Local teacher: where it runs (`cuda:1`, `cpu`, ...), e.g. a GPU of its own beside the "
+        "student's; null = the student's device.",
+    )
+    shard: bool = Field(
+        False, description="Local teacher: shard it over the training processes with FSDP2 for its forward "
+        "passes (no gradients, no optimizer), so a teacher larger than one device fits; needs several processes. "
+        "A served teacher (`kind: served`) puts it on other machines instead.",
     )
 
 
@@ -198,10 +214,47 @@ class RolloutConfig(_Section):
         0.1, ge=0.0, description="phi rises when validation loss >= the last recorded value + this."
     )
     replay_buffer_size: int = Field(1000, ge=1, description="Student samples kept for replay (FIFO).")
-    engine: Literal["hf", "vllm"] = Field(
+    engine: Literal["hf", "vllm", "vllm_server"] = Field(
         "hf", description="Student generation engine: `hf` (the transformers model, decoded with its KV cache by "
-        "opd's sampling loop) or `vllm` (in-process vLLM, `pip install 'opd[vllm]'`). Both return sampler log-probs "
-        "for importance weights.",
+        "opd's sampling loop), `vllm` (in-process vLLM, `pip install 'opd[vllm]'`, one process) or `vllm_server` "
+        "(a vLLM OpenAI server shared by every trainer rank, started by opd on 127.0.0.1 or reached at "
+        "rollout.url; rank 0 pushes the student's weights into it). All return sampler log-probs for "
+        "importance weights.",
+    )
+    url: str | None = Field(
+        None, description="vllm_server: base URL of a running vLLM server with the student's architecture, started "
+        "with VLLM_SERVER_DEV_MODE=1, --logprobs-mode processed_logprobs and --worker-extension-cls "
+        "opd.vllm_worker.WeightPush (null: opd starts one on 127.0.0.1 from model.student).",
+    )
+    served_model: str | None = Field(None, description="vllm_server: model name for requests (default: the "
+                                      "server's first model).")
+    api_key_env: str | None = Field(
+        "OPD_ROLLOUT_API_KEY", description="vllm_server: environment variable holding the server's API key (opd "
+        "starts its server with it when set; sent as a Bearer token; never stored).",
+    )
+    server_args: list[str] = Field(
+        default_factory=list, description="vllm_server: extra arguments for the server opd starts (e.g. "
+        "[\"--tensor-parallel-size\", \"2\"]).",
+    )
+    server_cpus: str | None = Field(
+        None, description="vllm_server: CPUs for the server opd starts (taskset list, e.g. `0` or `0-3`), so "
+        "rollouts and training do not compete for the same cores.",
+    )
+    server_start_timeout_s: float = Field(600.0, gt=0.0, description="vllm_server: seconds to wait for the server "
+                                          "opd starts to answer.")
+
+    @field_validator("server_cpus", mode="before")
+    @classmethod
+    def _cpu_list(cls, value: Any) -> Any:
+        return str(value) if isinstance(value, int) else value  # `server_cpus=0` on the command line is an int
+    server_timeout_s: float = Field(600.0, gt=0.0, description="vllm_server: seconds to wait for one request.")
+    server_retries: int = Field(3, ge=0, description="vllm_server: retries of a failed request.")
+    request_concurrency: int = Field(64, ge=1, description="vllm_server: requests in flight per process.")
+    async_steps: Literal[0, 1, 2] = Field(
+        0, description="Asynchronous rollouts: the rollouts of step t are written while step t-1 (and t-2) train, "
+        "by a sampler with its own copy of the weights (the vLLM server, or a snapshot of the student for the hf "
+        "engine), so they come from a policy up to async_steps updates old (logged as rollout/policy_lag; "
+        "corrected by the importance ratio, see loss.importance_cap). 0 = synchronous.",
     )
     weight_sync_every: int = Field(
         1, ge=1, description="vllm engine: push the student's weights every N optimizer steps; in between the "
@@ -223,16 +276,28 @@ class RolloutConfig(_Section):
 
 
 class LossConfig(_Section):
-    objective: Literal["divergence", "nll", "sampled_token_pg", "minillm", "kdrl", "gad", "uld"] = Field(
+    objective: str = Field(
         "divergence",
-        description="`divergence`: token-level f-divergence against the teacher's distributions; "
+        description="A name registered in opd.losses.OBJECTIVES. `divergence`: token-level f-divergence against "
+        "the teacher's distributions (top-k ones with teacher.top_k); "
         "`nll`: cross-entropy on the behaviour policy's tokens (SeqKD when they come from the teacher); "
         "`sampled_token_pg`: policy gradient with the teacher's log-prob of each sampled token as reward; "
         "`minillm`: sequence-level reverse KL by clipped policy gradient plus the exact single-step term; "
-        "`kdrl`: verifier-reward policy gradient plus a k2 reverse-KL term to the teacher; "
+        "`kdrl`: verifier-reward policy gradient plus a KD term to the teacher (k2: reverse-KL gradient); "
         "`gad`: policy gradient on a discriminator's score trained to tell teacher text from student text; "
-        "`uld`: cross-tokenizer distillation on byte-aligned token groups (ULD, optionally the GOLD hybrid).",
+        "`uld`: cross-tokenizer distillation on byte-aligned token groups (ULD, optionally the GOLD hybrid); "
+        "`kl_mix`: (1 - beta) forward KL + beta reverse KL.",
     )
+
+    @field_validator("objective")
+    @classmethod
+    def _registered(cls, name: str) -> str:
+        from opd.losses import OBJECTIVES  # the registry; opd.losses does not import this module back
+
+        if name not in OBJECTIVES:
+            raise ValueError(f"unknown objective {name!r}; use one of {', '.join(sorted(OBJECTIVES))}")
+        return name
+
     estimator: Literal["k1", "k2", "k3"] = Field(
         "k1", description="Single-sample reverse-KL estimator whose negative is the reward (sampled_token_pg)."
     )
@@ -260,7 +325,11 @@ class LossConfig(_Section):
     kd_coef: float = Field(5e-3, ge=0.0, description="KDRL: initial weight of the KD term.")
     kd_coef_min: float = Field(1e-3, ge=0.0, description="KDRL: the KD weight decays linearly to this floor.")
     kd_coef_decay: float = Field(5e-5, ge=0.0, description="KDRL: KD weight decrease per step (0 = constant).")
-    kd_estimator: Literal["k2", "k3"] = Field("k2", description="KDRL: reverse-KL estimator of the KD term.")
+    kd_estimator: Literal["k2", "k3"] = Field(
+        "k2", description="KDRL: the KD term's single-sample estimator, differentiated through the student's "
+        "log-prob of its own token: `k2` gives the reverse-KL gradient (KDRL's), `k3` the forward-KL gradient "
+        "(although its value estimates reverse KL).",
+    )
     kd_mask_correct: bool = Field(False, description="KDRL: drop the KD term on responses the verifier accepts.")
     uld_hybrid: bool = Field(
         True, description="uld: compare tokens present in both vocabularies exactly (JSD(beta)) and use ULD only "
@@ -290,6 +359,21 @@ class LossConfig(_Section):
     chunk_size: int | None = Field(
         None, ge=1, description="Positions per chunk in the loss (null: sized so one fp32 [chunk, V] tensor is ~64 MB)."
     )
+    importance_cap: float | None = Field(
+        None, gt=0.0, description="Truncated importance sampling: the ratio q_theta / pi_sampler of the policy-"
+        "gradient objectives (sampled_token_pg, kdrl, gad) is capped at this value, as a constant weight on "
+        "grad log q_theta (null = uncapped). For stale rollouts (rollout.async_steps, weight_sync_every > 1).",
+    )
+    divergence_importance: bool = Field(
+        False, description="Token-level divergences: weight each position by min(q_theta / pi_sampler, "
+        "importance_cap) of its sampled token (a per-token correction for stale rollouts; needs importance_cap).",
+    )
+    fused: bool = Field(
+        True, description="Compute every divergence from the final hidden states and the LM head, one chunk of "
+        "logits at a time, for the student and a local teacher (opd.fused): [B, T, V] logits never exist. Checked "
+        "against the model's own logits once at start-up; a model it cannot reproduce, loss.objective=uld, "
+        "DeepSpeed ZeRO-3 and a sharded or routed teacher use the logits path. false = the logits path everywhere.",
+    )
 
 
 class OptimConfig(_Section):
@@ -310,7 +394,22 @@ class OptimConfig(_Section):
         return self
 
 
+def launcher_distributed() -> str:
+    """What ``accelerate launch`` was configured with (a user's ``accelerate config``), from the
+    environment it exports: ``deepspeed``, ``fsdp`` or ``ddp``."""
+    import os
+
+    def on(name: str) -> bool:
+        return os.environ.get(name, "").lower() in ("1", "true", "yes")
+
+    return "deepspeed" if on("ACCELERATE_USE_DEEPSPEED") else "fsdp" if on("ACCELERATE_USE_FSDP") else "ddp"
+
+
 class TrainConfig(_Section):
+    def resolved_distributed(self) -> str:
+        """``distributed``, with ``auto`` resolved from the launcher's environment."""
+        return launcher_distributed() if self.distributed == "auto" else self.distributed
+
     output_dir: str = Field("runs/opd", description="Run directory (config, metrics, checkpoints, final model).")
     steps: int = Field(100, ge=1, description="Optimizer steps.")
     batch_size: int = Field(8, ge=1, description="Prompts per micro-batch (per process).")
@@ -329,6 +428,23 @@ class TrainConfig(_Section):
         "teacher's scoring; weights and AdamW stay in model.dtype. On CPUs with AVX512-BF16 bf16 matmuls run ~4x "
         "faster than fp32; fp16 needs a GPU.",
     )
+    distributed: Literal["auto", "ddp", "fsdp", "deepspeed"] = Field(
+        "auto", description="How the student is spread over processes (torchrun / accelerate launch): `ddp`: a "
+        "replica per process; `fsdp`: PyTorch FSDP2, parameters, gradients and AdamW states sharded 1/N per "
+        "process, sharded checkpoints (DCP) that may resume on another process count; `deepspeed`: ZeRO "
+        "(`train.zero_stage`) through Accelerate's DeepSpeed plugin (`pip install deepspeed`); `auto`: what "
+        "`accelerate launch` was configured with (`accelerate config`), else ddp.",
+    )
+    fsdp_reshard_after_forward: bool = Field(
+        True, description="fsdp: free each decoder layer's gathered weights after its forward (ZeRO-3-like); "
+        "false keeps them until backward (ZeRO-2-like: less communication, more memory).",
+    )
+    fsdp_cpu_offload: bool = Field(
+        False, description="fsdp: keep parameter shards, gradients and AdamW states in host memory (GPU only).",
+    )
+    zero_stage: Literal[2, 3] = Field(
+        3, description="deepspeed: ZeRO stage (2: optimizer states and gradients sharded; 3: parameters too).",
+    )
     cpu_linear: Literal["onednn", "torch"] = Field(
         "onednn", description="CPU linear layers of the student and local teachers. `onednn`: float32 products "
         "(forward and backward) on oneDNN, and weights prepacked once per rollout for decoding (~2x faster "
@@ -339,7 +455,44 @@ class TrainConfig(_Section):
         5, ge=1, description="Steps with NaN/inf loss or gradient are skipped; stop after this many in a row."
     )
     progress: bool = Field(True, description="Show a progress bar.")
-    tensorboard: bool = Field(True, description="Also write TensorBoard event files.")
+    # --- experiment trackers (issue 18; opd.trackers) -------------------------------------------------
+    tensorboard: bool | None = Field(
+        None, description="Deprecated: use `report_to` ([tensorboard] or []). When set and report_to is not, "
+        "true = [tensorboard], false = [].",
+    )
+    report_to: list[str] | None = Field(
+        None, description="Experiment trackers through Accelerate, besides metrics.jsonl (always written): any of "
+        "tensorboard, wandb, mlflow, trackio, comet_ml, aim, clearml, dvclive, swanlab; [] = none. None of them is "
+        "an opd dependency (a missing one is refused at start, saying what to install). null = tensorboard if it "
+        "is installed. W&B runs offline with WANDB_MODE=offline.",
+    )
+    report_project: str = Field("opd", description="Project / experiment name the trackers file the run under.")
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _tracker_names(cls, value: Any) -> Any:
+        from opd.trackers import check_names
+
+        if isinstance(value, str):  # `train.report_to=wandb` on the command line
+            value = [] if value.strip().lower() == "none" else [v.strip() for v in value.split(",") if v.strip()]
+        return check_names(value) if isinstance(value, list) else value
+
+    @model_validator(mode="after")
+    def _tensorboard_is_deprecated(self) -> TrainConfig:
+        if self.tensorboard is not None:
+            import warnings
+
+            warnings.warn("train.tensorboard is deprecated: use train.report_to (e.g. [tensorboard], or [] for "
+                          "none)" + ("; report_to is set, so tensorboard is ignored" if self.report_to is not None
+                                     else ""), DeprecationWarning, stacklevel=2)
+        return self
+
+    def trackers(self) -> list[str]:
+        """The trackers this run writes to (see ``report_to``)."""
+        from opd.trackers import resolve
+
+        return resolve(self.report_to, self.tensorboard)
+    # --- end experiment trackers ------------------------------------------------------------------------
 
 
 class EvalConfig(_Section):
@@ -357,6 +510,15 @@ class EvalConfig(_Section):
         description="`reference` (first word differing from the reference) or `module:function` taking "
         "(prompt, completion, reference) and returning an int word position.",
     )
+    # --- training-time diagnostics (issue 18; opd.diagnostics) -------------------------------------------
+    diagnostics: bool = Field(
+        True, description="Also log eval/topk_* (teacher-student top-k overlap), eval/calibration_* (the teacher's "
+        "success continuing the student's answers cut at 25/50/75 %, against its own) and eval/student_length_mean, "
+        "eval/student_{eos,truncated,empty}_fraction at every evaluation, on the first `diagnostics_prompts` eval "
+        "prompts.",
+    )
+    diagnostics_prompts: int = Field(8, ge=1, description="Eval prompts the diagnostics use (kept small: cheap).")
+    # --- end training-time diagnostics ------------------------------------------------------------------
 
 
 class RunConfig(_Section):
@@ -426,6 +588,37 @@ class RunConfig(_Section):
             if self.train.save_every and self.train.save_every % rollout.weight_sync_every:
                 raise ValueError("with rollout.engine=vllm, train.save_every must be a multiple of "
                                  "rollout.weight_sync_every so a resumed run sees the same sampler weights")
+        if rollout.async_steps:
+            if rollout.engine == "vllm" or rollout.sampler != "student" or rollout.adaptive_off_policy \
+                    or self.teacher.kind == "cache":
+                raise ValueError("rollout.async_steps needs a sampler that runs beside training with its own weights: "
+                                 "rollout.engine=vllm_server or hf, rollout.sampler=student, no adaptive schedule "
+                                 "or cache")
+            if self.train.resolved_distributed() != "ddp" and rollout.engine == "hf":
+                raise ValueError("rollout.async_steps with the hf engine keeps a full copy of the student per process; "
+                                 "with train.distributed=fsdp / deepspeed use rollout.engine=vllm_server")
+        if rollout.engine == "vllm_server" and rollout.sampler != "student":
+            raise ValueError("rollout.engine=vllm_server samples the student alone; use rollout.sampler=student")
+        if loss.divergence_importance and loss.importance_cap is None:
+            raise ValueError("loss.divergence_importance weights by the capped ratio; set loss.importance_cap")
+        distributed = self.train.resolved_distributed()
+        if distributed != "ddp":
+            if rollout.engine == "vllm":
+                raise ValueError(f"train.distributed={distributed} shards the student, but the in-process vLLM engine "
+                                 "needs its full weights in one process; use train.distributed=ddp")
+            if self.teacher.kind == "self" and self.teacher.self_weights == "ema" and (
+                    distributed == "fsdp" or self.train.zero_stage == 3):
+                raise ValueError(f"teacher.self_weights=ema updates a full copy from the student's weights, which "
+                                 f"train.distributed={distributed} shards; use self_weights=frozen or live")
+        if self.teacher.device is not None and self.teacher.kind not in ("local", "text", "cross_tokenizer"):
+            raise ValueError(f"teacher.device places a local teacher model; teacher.kind={self.teacher.kind} has none")
+        if self.teacher.shard:
+            if self.teacher.kind != "local" or self.teacher.device is not None:
+                raise ValueError("teacher.shard shards a local teacher over the processes (teacher.kind=local, "
+                                 "without teacher.device)")
+            if rollout.sampler != "student" or (low < 1.0 and rollout.off_policy_source == "teacher"):
+                raise ValueError("a sharded teacher only scores (its forwards run in step on every process); it "
+                                 "cannot decode: use rollout.sampler=student and off_policy_source=dataset")
         if self.rollout.prefix_tokens_final is not None and self.rollout.prefix_tokens is None:
             raise ValueError("rollout.prefix_tokens_final needs rollout.prefix_tokens (the starting length)")
         if loss.objective in ("sampled_token_pg", "minillm", "kdrl", "gad") and low < 1.0:
@@ -433,6 +626,9 @@ class RunConfig(_Section):
                 f"loss.objective={loss.objective} is a policy gradient on the student's own samples; "
                 "set rollout.on_policy_fraction=1"
             )
+        if loss.objective == "kdrl" and rollout.sampler != "student":
+            raise ValueError("loss.objective=kdrl's KD term is a KL gradient only on the student's own samples; "
+                             "use rollout.sampler=student")
         if loss.objective == "kdrl" and rollout.samples_per_prompt < 2:
             raise ValueError("loss.objective=kdrl normalises rewards within groups; set rollout.samples_per_prompt>=2")
         if loss.reward_scale != 1.0 and (loss.objective != "sampled_token_pg" or loss.estimator != "k1"):
@@ -466,6 +662,9 @@ class RunConfig(_Section):
             for name, routed in self.teachers.items():
                 if routed.kind not in ("local", "served"):
                     raise ValueError(f"teachers.{name}: routed teachers are local or served, not {routed.kind}")
+                if routed.top_k != self.teacher.top_k:
+                    raise ValueError(f"teachers.{name}.top_k={routed.top_k} but teacher.top_k={self.teacher.top_k}: "
+                                     "routed teachers must expose the same signal; set the same top_k on all")
                 try:
                     RunConfig.model_validate({**self.model_dump(), "teacher": routed.model_dump(), "teachers": {},
                                               "data": {**self.data.model_dump(), "teacher_field": None}})

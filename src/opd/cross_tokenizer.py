@@ -141,7 +141,7 @@ def teacher_view(
                                   np.append(alignment.teacher_group, alignment.groups), alignment.groups + 1)
         teacher_completions.append(teacher_ids)
         alignments.append(alignment)
-    from opd.rollout import build_batch
+    from opd.batch import build_batch
 
     batch = build_batch(teacher_prompts, teacher_completions, teacher_tok.pad_token_id
                         if teacher_tok.pad_token_id is not None else teacher_tok.eos_token_id)

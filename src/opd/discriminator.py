@@ -22,7 +22,9 @@ from typing import Any
 import torch
 
 from opd.errors import ModelError
-from opd.rollout import SequenceBatch
+from opd.hooks import Hooks
+from opd.rollout import SequenceBatch, build_batch
+from opd.signal import TeacherSignal
 
 
 class Discriminator(torch.nn.Module):
@@ -105,3 +107,38 @@ class DiscriminatorTrainer:
             "discriminator/teacher_score": float(teacher_scores.detach().mean()),
             "discriminator/student_score": float(student_scores.detach().mean()),
         }
+
+
+class DiscriminatorReward(Hooks):
+    """GAD's teacher signal: each student answer's discriminator score as its sequence reward
+    (``signal.rewards_B``), scored by the discriminator as it was when the answers were drawn; then
+    one Bradley-Terry update on (teacher answer, student answer) pairs of the same prompts.
+
+    ``teacher_text`` holds one teacher answer per training prompt (keyed by ``id(example)``). The
+    discriminator and its optimizer are training state (checkpointed through :class:`Hooks`).
+    """
+
+    def __init__(self, trainer: DiscriminatorTrainer, teacher_text: dict[int, list[int]], samples_per_prompt: int,
+                 pad_id: int) -> None:
+        self.trainer = trainer
+        self.teacher_text = teacher_text
+        self.samples_per_prompt = samples_per_prompt
+        self.pad_id = pad_id
+
+    def add(self, batch: SequenceBatch, signal: TeacherSignal) -> None:
+        if batch.examples is None or batch.group_B is None:
+            raise ModelError("GAD needs the examples and groups behind the batch")
+        device = self.trainer.model.head.weight.device
+        # Full precision, as the discriminator was built: the run's autocast is for the student.
+        with torch.autocast(device.type, enabled=False):
+            signal.rewards_B = self.trainer.rewards(batch)
+            prompts = batch.examples[:: self.samples_per_prompt]
+            teacher_batch = build_batch([e.prompt_ids for e in prompts], [self.teacher_text[id(e)] for e in prompts],
+                                        self.pad_id)
+            signal.metrics.update(self.trainer.update(batch, teacher_batch, batch.group_B))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"discriminator": self.trainer.model, "discriminator_optimizer": self.trainer.optimizer.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.trainer.optimizer.load_state_dict(state["discriminator_optimizer"])

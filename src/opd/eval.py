@@ -186,7 +186,8 @@ def completion_divergence(
         student_logits = completion_logits(
             student, batch.input_ids_BT.to(device), batch.attention_mask_BT.to(device), batch.completion_len
         )
-        teacher_logits = teacher.score(batch).to(device)
+        # (a fused teacher's hidden states stay where they are; its chunks move one at a time)
+        teacher_logits = teacher.score(batch).to(device).require_logits("the teacher divergence")
         values = divergences.per_token(
             kind, student_logits, teacher_logits, batch.completion_mask_BC.bool().to(device),
             temperature=temperature, vocab_size=vocab_size,
@@ -288,6 +289,41 @@ def evaluate(
         if teacher is not None and not greedy and div_tokens:
             results["eval/teacher_divergence"] = div_sum / div_tokens
     return results
+
+
+class Evaluator:
+    """Held-out evaluation during and after training, under a forked RNG (seeded the same every time),
+    so evaluating more or less often never changes the training run."""
+
+    def __init__(self, examples: list[Example], tokenizer: Any, params: SamplingParams, *, scorer: Scorer,
+                 first_error: FirstError, teacher: Any | None, vocab_size: int, batch_size: int, sampled: bool,
+                 seed: int) -> None:
+        self.examples = examples
+        self.tokenizer = tokenizer
+        self.params = params
+        self.scorer = scorer
+        self.first_error = first_error
+        self.teacher = teacher  # a teacher with full logits on the student's vocabulary, or None
+        self.vocab_size = vocab_size
+        self.batch_size = batch_size
+        self.sampled = sampled
+        self.seed = seed
+        # More eval/... metrics, each a callable student -> dict run after evaluate() under the same
+        # forked RNG (the training-time diagnostics of opd.diagnostics, issue 18).
+        self.extras: list[Callable[[torch.nn.Module], dict[str, Any]]] = []
+
+    def __call__(self, student: torch.nn.Module) -> dict[str, Any]:
+        if not self.examples:
+            return {}
+        device = next(student.parameters()).device
+        with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
+            torch.manual_seed(self.seed)
+            results = evaluate(student, self.tokenizer, self.examples, self.params, scorer=self.scorer,
+                               first_error=self.first_error, teacher=self.teacher, vocab_size=self.vocab_size,
+                               batch_size=self.batch_size, sampled=self.sampled)
+            for extra in self.extras:
+                results.update(extra(student))
+            return results
 
 
 @torch.no_grad()

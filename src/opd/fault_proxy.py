@@ -8,7 +8,10 @@ forwards faithfully or injects one fault:
 - ``drop``: close the connection without answering,
 - ``truncate``: forward, but cut the JSON body in half,
 - ``invalid_json``: answer 200 with a body that is not JSON,
-- ``slow``: forward after a delay shorter than the client's timeout (must succeed).
+- ``slow``: forward after a delay shorter than the client's timeout (must succeed),
+- ``perturb``: forward, but add seeded Gaussian noise (``perturb_sigma`` nats) to every log-prob in
+  the answer: a well-formed response whose numbers are not the model's (a replica that disagrees, a
+  server that ignores the requested temperature) — what ``opd doctor``'s signal check must catch.
 
 Faults follow a fixed cyclic ``schedule`` (deterministic tests) or are drawn with
 ``rates`` from a seeded generator. Usage from the command line::
@@ -28,7 +31,7 @@ from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-FAULTS = ("ok", "timeout", "http500", "http503", "drop", "truncate", "invalid_json", "slow")
+FAULTS = ("ok", "timeout", "http500", "http503", "drop", "truncate", "invalid_json", "slow", "perturb")
 
 
 class FaultProxy:
@@ -44,6 +47,7 @@ class FaultProxy:
         hold_s: float = 2.0,
         slow_s: float = 0.3,
         port: int = 0,
+        perturb_sigma: float = 0.3,
     ) -> None:
         for name in (schedule or []) + list(rates or {}):
             if name not in FAULTS:
@@ -53,6 +57,7 @@ class FaultProxy:
         self.rates = dict(rates or {})
         self.rng = random.Random(seed)
         self.hold_s, self.slow_s = hold_s, slow_s
+        self.perturb_sigma = perturb_sigma
         self.counts: Counter[str] = Counter()
         self._lock = threading.Lock()
         self._n = 0
@@ -127,6 +132,8 @@ class FaultProxy:
                 status, payload = proxy._forward(method, self.path, body, headers)
                 if fault == "truncate":
                     payload = payload[: len(payload) // 2]
+                if fault == "perturb" and status == 200:
+                    payload = proxy._perturbed(payload)
                 self._reply(status, payload)
 
             def do_POST(self) -> None:  # noqa: N802 - http.server naming
@@ -136,6 +143,21 @@ class FaultProxy:
                 self._handle("GET")
 
         return Handler
+
+    def _perturbed(self, payload: bytes) -> bytes:
+        """The answer with noise on every ``logprob`` value (prompt and sampled log-probs alike)."""
+        import json
+
+        def walk(node: Any) -> Any:
+            if isinstance(node, dict):
+                return {k: (v + self.rng.gauss(0.0, self.perturb_sigma) if k == "logprob" and isinstance(v, float)
+                            else walk(v)) for k, v in node.items()}
+            if isinstance(node, list):
+                return [walk(v) for v in node]
+            return node
+
+        with self._lock:
+            return json.dumps(walk(json.loads(payload))).encode()
 
     def start(self) -> FaultProxy:
         self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)

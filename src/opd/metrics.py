@@ -1,7 +1,8 @@
-"""Metrics sinks: ``metrics.jsonl`` (always) and TensorBoard (optional).
+"""Metrics sinks: ``metrics.jsonl`` (always) and experiment trackers (``train.report_to``).
 
 Names are namespaced: ``loss/...``, ``teacher/...``, ``rollout/...``, ``perf/...``,
-``eval/...``, ``train/...``. Lists (e.g. first-error curves) go to JSONL only.
+``eval/...``, ``train/...``. Lists (e.g. first-error curves) go to JSONL only. Trackers
+(TensorBoard, W&B, MLflow, ...) are Accelerate's (:mod:`opd.trackers`).
 """
 
 from __future__ import annotations
@@ -13,19 +14,29 @@ from typing import Any
 
 
 class MetricsLogger:
+    """``trackers``: names from :data:`opd.trackers.TRACKERS` (``None``: TensorBoard if ``tensorboard``,
+    the pre-``report_to`` switch, else none). ``accelerator``: the run's Accelerator, whose tracker API
+    (``init_trackers`` / ``log``) carries the rows; without one the same tracker classes are driven
+    directly. ``config``: stored as the trackers' hyper-parameters."""
+
     def __init__(
-        self, run_dir: Path, *, tensorboard: bool = True, enabled: bool = True, resume_step: int | None = None
+        self, run_dir: Path, *, tensorboard: bool = True, enabled: bool = True, resume_step: int | None = None,
+        trackers: list[str] | None = None, accelerator: Any = None, project: str = "opd",
+        config: dict[str, Any] | None = None,
     ) -> None:
+        from opd import trackers as tracking
+
         self.enabled = enabled
         self.path = run_dir / "metrics.jsonl"
-        self.writer = None
+        self.accelerator = accelerator
+        self.trackers: list[Any] = []
         if enabled and resume_step is not None:
             self.truncate_after(resume_step)
-        if enabled and tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
-            purge = resume_step + 1 if resume_step is not None else None
-            self.writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"), purge_step=purge)
+        names = trackers if trackers is not None else (["tensorboard"] if tensorboard else [])
+        if enabled and names:
+            tracking.check_installed(names)
+            self.trackers = tracking.make_trackers(names, run_dir, project, resume_step=resume_step)
+            tracking.start(self.trackers, config, accelerator, project)
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
         if not self.enabled:
@@ -37,11 +48,15 @@ class MetricsLogger:
             row[key] = value
         with self.path.open("a") as handle:
             handle.write(json.dumps(row) + "\n")
-        if self.writer is not None:
-            for key, value in metrics.items():
-                if isinstance(value, (int, float)) and not isinstance(value, bool):
-                    self.writer.add_scalar(key, value, step)
-            self.writer.flush()
+        if self.trackers:
+            from opd.trackers import scalars
+
+            values = scalars(metrics)
+            if self.accelerator is not None:
+                self.accelerator.log(values, step=step)
+            else:
+                for tracker in self.trackers:
+                    tracker.log(values, step=step)
 
     def truncate_after(self, step: int) -> None:
         """On resume, drop rows logged after the checkpoint so curves do not double up."""
@@ -60,5 +75,10 @@ class MetricsLogger:
         tmp.replace(self.path)
 
     def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
+        # Each tracker's own finish, not Accelerator.end_training: that also destroys the process
+        # group, which the loop still needs for its final barrier.
+        for tracker in self.trackers:
+            tracker.finish()
+        if self.accelerator is not None:
+            self.accelerator.trackers = [t for t in self.accelerator.trackers if t not in self.trackers]
+        self.trackers = []

@@ -19,6 +19,42 @@ def _normaliser(num_tokens: int | float) -> float:
     return float(max(num_tokens, 1))
 
 
+def _route_metrics(values_BC: torch.Tensor, mask_BC: torch.Tensor, route_B: list[str] | None) -> dict[str, float]:
+    """Per-teacher token counts and signal sums when rows were routed to several teachers
+    (``route_B`` names each row's teacher): ``routes/NAME/tokens`` and ``routes/NAME/signal_sum``."""
+    if route_B is None:
+        return {}
+    with torch.no_grad():
+        tokens_B = mask_BC.sum(-1).tolist()
+        signal_B = (values_BC.detach() * mask_BC).sum(-1).tolist()
+    out: dict[str, float] = {}
+    for name, tokens, signal in zip(route_B, tokens_B, signal_B):
+        out[f"routes/{name}/tokens"] = out.get(f"routes/{name}/tokens", 0.0) + float(tokens)
+        out[f"routes/{name}/signal_sum"] = out.get(f"routes/{name}/signal_sum", 0.0) + float(signal)
+    return out
+
+
+def importance_ratio(student_lp_BC: torch.Tensor, sampler_lp_BC: torch.Tensor,
+                     cap: float | None = None) -> torch.Tensor:
+    """``q_theta / pi_sampler`` per token. With ``cap`` it is truncated importance sampling: the value
+    is ``min(ratio, cap)`` and the gradient ``min(ratio, cap) * grad log q_theta`` (the capped weight is
+    a constant), so a stale or mismatched sampler cannot blow a step up."""
+    if cap is None:
+        return torch.exp(student_lp_BC - sampler_lp_BC)
+    weight_BC = torch.exp(student_lp_BC.detach() - sampler_lp_BC).clamp(max=cap)
+    return weight_BC * torch.exp(student_lp_BC - student_lp_BC.detach())
+
+
+def _capped_sum(student_lp_BC: torch.Tensor, sampler_lp_BC: torch.Tensor, mask_BC: torch.Tensor,
+                cap: float | None) -> dict[str, float]:
+    """How often the cap binds (design.md: log how often a truncation is active)."""
+    if cap is None:
+        return {}
+    with torch.no_grad():
+        capped = ((student_lp_BC.detach() - sampler_lp_BC) > torch.log(torch.tensor(cap))).float() * mask_BC
+    return {"loss/importance_capped_sum": float(capped.sum().item())}
+
+
 def _sampler_or_current(sampler_lp_BC: torch.Tensor | None, current_lp_BC: torch.Tensor) -> torch.Tensor:
     """The sampling policy's log-probs; where unknown (None / NaN rows) the current weights'."""
     current = current_lp_BC.detach()
@@ -39,8 +75,13 @@ def token_divergence(
     temperature: float = 1.0,
     chunk_size: int | None = None,
     vocab_size: int | None = None,
+    route_B: list[str] | None = None,
+    weights_BC: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Token-level distillation: sum over positions of D(p_T(.|y<t) || p_S(.|y<t)) / num_tokens.
+
+    ``weights_BC`` (constants) scale each position's divergence, e.g. a capped importance ratio for
+    rollouts from a stale policy (``loss.divergence_importance``).
 
     This is the per-token objective of GKD (arXiv 2306.13649, Eq. 2) for any
     divergence in :mod:`opd.divergences`; with student-written ``y`` it is on-policy
@@ -57,12 +98,13 @@ def token_divergence(
         chunk_size=chunk_size,
         vocab_size=vocab_size,
     )
-    total = values_BC.sum()
+    total = values_BC.sum() if weights_BC is None else (values_BC * weights_BC).sum()
     loss = total / _normaliser(num_tokens)
     count = float(mask_BC.sum().item())
     metrics = {
         "loss/divergence_sum": float(total.detach().item()),
         "loss/tokens": count,
+        **_route_metrics(values_BC, mask_BC, route_B),
     }
     return loss, metrics
 
@@ -81,6 +123,7 @@ def topk_divergence(
     temperature: float = 1.0,
     chunk_size: int | None = None,
     vocab_size: int | None = None,
+    route_B: list[str] | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Token-level distillation from a teacher that exposes only its top-k log-probs.
 
@@ -100,6 +143,7 @@ def topk_divergence(
         "loss/divergence_sum": float(total.detach().item()),
         "loss/tokens": float(mask_BC.sum().item()),
         "teacher/topk_mass_sum": float(covered.item()),
+        **_route_metrics(values_BC, mask_BC, route_B),
     }
     return total / _normaliser(num_tokens), metrics
 
@@ -116,24 +160,14 @@ def sequence_nll(
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Cross-entropy on the given tokens (SeqKD, Kim & Rush 2016, on teacher text).
 
-    Computed chunk by chunk over valid positions so no full fp32 ``[B, C, V]``
-    log-softmax is materialised.
+    The tokens' log-probs come from :func:`token_logprobs` (chunked, so no full fp32 ``[B, C, V]``
+    log-softmax exists; with hidden states and the head, no ``[B, C, V]`` logits either).
     """
-    vocab = vocab_size or student_logits_BCV.shape[-1]
-    chunk_size = chunk_size or divergences.auto_chunk_size(vocab)
-    logits_NV = student_logits_BCV.reshape(-1, student_logits_BCV.shape[-1])
-    targets_N = target_ids_BC.reshape(-1)
-    rows = mask_BC.reshape(-1).bool().nonzero().squeeze(-1)
-    total = logits_NV.new_zeros((), dtype=torch.promote_types(logits_NV.dtype, torch.float32))
-    for start in range(0, rows.numel(), chunk_size):
-        idx = rows[start : start + chunk_size]
-        chunk = logits_NV[idx, :vocab].to(total.dtype) / temperature
-        total = total + torch.nn.functional.cross_entropy(chunk, targets_N.index_select(0, idx), reduction="sum")
-    if rows.numel() == 0:
-        # Keep the graph connected so backward works and yields zero gradients.
-        total = total + 0.0 * logits_NV.sum()
+    lp_BC = token_logprobs(student_logits_BCV, target_ids_BC, temperature=temperature, vocab_size=vocab_size,
+                           chunk_size=chunk_size)
+    total = -(lp_BC * mask_BC).sum()  # masked rows contribute 0 but stay in the graph (finite zero gradient)
     loss = total / _normaliser(num_tokens)
-    return loss, {"loss/nll_sum": float(total.detach().item()), "loss/tokens": float(rows.numel())}
+    return loss, {"loss/nll_sum": float(total.detach().item()), "loss/tokens": float(mask_BC.sum().item())}
 
 
 def token_logprobs(
@@ -179,49 +213,67 @@ def sampled_token_pg(
     chunk_size: int | None = None,
     reward_scale: float = 1.0,
     reference_logprobs_BC: torch.Tensor | None = None,
+    route_B: list[str] | None = None,
+    importance_cap: float | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Sampled-token on-policy distillation as an importance-sampled policy gradient.
 
-    The per-token reward is minus a single-sample reverse-KL estimate on the student's own
-    token (``-k1 = log p_T(y_t) - log p_S(y_t)``, see :func:`opd.divergences.sampled_token`),
+    The per-token reward is minus a single-sample reverse-KL estimate on the sampled token
+    (``-k1 = log p_T(y_t) - log q_theta(y_t)``, see :func:`opd.divergences.sampled_token`),
     discounted into returns with ``gamma`` (0 = per-token advantage, the Thinking Machines /
     Tinker on-policy distillation recipe), and the loss is
 
-        L = -sum_t  [pi_theta(y_t) / pi_sampler(y_t)] * A_t  / num_tokens,
+        L = -sum_t  [q_theta(y_t) / pi_sampler(y_t)] * A_t  / num_tokens,
 
-    with ``A_t`` a constant. ``sampler_logprobs_BC`` are the log-probs of the policy that
-    sampled the tokens; when omitted the tokens are taken to come from the current weights
-    (ratio 1, the plain policy gradient of sequence-level reverse KL when gamma = 1,
-    cf. MiniLLM arXiv 2306.08543 Eq. 3).
+    with ``A_t`` a constant. Two different log-probs enter, on purpose:
+
+    - the reward uses ``log q_theta``, the student's own log-prob from this (training) forward pass,
+      detached: the objective is the reverse KL of the *student*, whoever drew the tokens;
+    - the importance ratio divides by ``pi_sampler``, the law that actually drew each token:
+      ``sampler_logprobs_BC`` as recorded at rollout time (after top-p / top-k filtering, in the
+      sampler's precision, from vLLM when it sampled; a mixture or speculative co-sampler's law).
+      When omitted (or NaN on rows no sampler wrote) the current weights are taken (ratio 1), the
+      plain policy gradient of sequence-level reverse KL when gamma = 1 (cf. MiniLLM arXiv
+      2306.08543 Eq. 3).
+
+    Using the sampler's log-prob in the reward instead would be wrong whenever the sampler is not
+    the student: under teacher-mixed sampling the reward becomes ``log p_T - log p~`` and the
+    expected gradient leaves the reverse-KL gradient. With top-p / top-k rollouts the sampler is
+    the filtered law ``q / Z(context)`` on the kept tokens: the ratio is then ``Z <= 1`` and the
+    gradient is that of the reverse KL with its expectation restricted to the kept tokens (tokens
+    outside are never sampled, so never pushed down); a reward built from the filtered log-prob
+    would add a context-dependent ``log Z`` to every token's reward.
 
     ``reward_scale`` = lambda != 1 gives the reward extrapolation of G-OPD / ExOPD
-    (arXiv 2602.12125): ``r_t = lambda (log p_T - log p_ref) - (log p_S - log p_ref)``
+    (arXiv 2602.12125): ``r_t = lambda (log p_T - log p_ref) - (log q_theta - log p_ref)``
     with ``p_ref`` the student's initial weights (``reference_logprobs_BC``); its optimum is
-    ``log p_S = lambda log p_T + (1 - lambda) log p_ref``, past the teacher for lambda > 1
+    ``log q = lambda log p_T + (1 - lambda) log p_ref``, past the teacher for lambda > 1
     (1.25 in the paper). lambda = 1 is plain OPD (the reference cancels).
     """
     student_lp_BC = token_logprobs(student_logits_BCV, ids_BC, temperature=temperature,
                                    vocab_size=vocab_size, chunk_size=chunk_size)
     sampler_lp_BC = _sampler_or_current(sampler_logprobs_BC, student_lp_BC)
     with torch.no_grad():
+        current_BC = student_lp_BC.detach()
         if reward_scale != 1.0:
             if reference_logprobs_BC is None or estimator != "k1":
                 raise ValueError("reward_scale != 1 needs reference_logprobs_BC and estimator='k1'")
             rewards_BC = (reward_scale * (teacher_logprobs_BC - reference_logprobs_BC)
-                          - (sampler_lp_BC - reference_logprobs_BC))
+                          - (current_BC - reference_logprobs_BC))
         else:
-            rewards_BC = -divergences.sampled_token(estimator, sampler_lp_BC, teacher_logprobs_BC)
+            rewards_BC = -divergences.sampled_token(estimator, current_BC, teacher_logprobs_BC)
         advantages_BC = discounted_returns(rewards_BC, mask_BC, gamma)
-    ratio_BC = torch.exp(student_lp_BC - sampler_lp_BC)
+        k1_BC = divergences.sampled_token("k1", current_BC, teacher_logprobs_BC)
+    ratio_BC = importance_ratio(student_lp_BC, sampler_lp_BC, importance_cap)
     total = -(ratio_BC * advantages_BC * mask_BC).sum()
     loss = total / _normaliser(num_tokens)
     count = float(mask_BC.sum().item())
     metrics = {
         "loss/pg_sum": float(total.detach().item()),
-        "teacher/reverse_kl_k1_sum": float(
-            (divergences.sampled_token("k1", sampler_lp_BC, teacher_logprobs_BC) * mask_BC).sum().item()
-        ),
+        "teacher/reverse_kl_k1_sum": float((k1_BC * mask_BC).sum().item()),
         "loss/tokens": count,
+        **_route_metrics(k1_BC, mask_BC, route_B),
+        **_capped_sum(student_lp_BC, sampler_lp_BC, mask_BC, importance_cap),
     }
     return loss, metrics
 
@@ -293,6 +345,7 @@ def minillm(
     temperature: float = 1.0,
     vocab_size: int | None = None,
     chunk_size: int | None = None,
+    route_B: list[str] | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """MiniLLM: sequence-level reverse KL by policy gradient (arXiv 2306.08543, Eq. 7).
 
@@ -329,6 +382,7 @@ def minillm(
         "teacher/reverse_kl_k1_sum": float((-rewards_BC).sum().item()),
         "rollout/importance_weight_sum": float((weights_BC * mask_BC).sum().item()),
         "loss/tokens": float(mask_BC.sum().item()),
+        **_route_metrics(-rewards_BC, mask_BC, route_B),
     }
     return (single_total + pg_total) / _normaliser(num_tokens), metrics
 
@@ -357,6 +411,7 @@ def sequence_reward_pg(
     vocab_size: int | None = None,
     sampler_logprobs_BC: torch.Tensor | None = None,
     chunk_size: int | None = None,
+    importance_cap: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
     """GRPO-style policy gradient on a sequence-level advantage broadcast to every token:
     ``-sum_{i,t} rho_{i,t} A_i / num_tokens`` with ``rho = q_theta / q_sampler`` (1 on-policy).
@@ -364,9 +419,10 @@ def sequence_reward_pg(
     student_lp_BC = token_logprobs(student_logits_BCV, ids_BC, temperature=temperature,
                                    vocab_size=vocab_size, chunk_size=chunk_size)
     sampler_lp_BC = _sampler_or_current(sampler_logprobs_BC, student_lp_BC)
-    ratio_BC = torch.exp(student_lp_BC - sampler_lp_BC)
+    ratio_BC = importance_ratio(student_lp_BC, sampler_lp_BC, importance_cap)
     pg_total = -(ratio_BC * advantages_B[:, None] * mask_BC).sum()
-    metrics = {"loss/pg_sum": float(pg_total.detach().item()), "loss/tokens": float(mask_BC.sum().item())}
+    metrics = {"loss/pg_sum": float(pg_total.detach().item()), "loss/tokens": float(mask_BC.sum().item()),
+               **_capped_sum(student_lp_BC, sampler_lp_BC, mask_BC, importance_cap)}
     return pg_total / _normaliser(num_tokens), student_lp_BC, metrics
 
 
@@ -385,26 +441,39 @@ def kdrl(
     vocab_size: int | None = None,
     sampler_logprobs_BC: torch.Tensor | None = None,
     chunk_size: int | None = None,
+    route_B: list[str] | None = None,
+    importance_cap: float | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """KDRL: outcome-reward policy gradient plus on-policy KD (arXiv 2506.02208, Eq. 8).
 
     ``L = [ -sum_{i,t} rho_{i,t} A_i + kd_coef * sum_{i,t} k(log q, log p_T) ] / num_tokens``
-    with ``A_i`` the group-normalised verifier advantage (:func:`group_advantages`),
-    ``rho = q_theta / q_sampler`` (1 on-policy) and ``k`` the k2 estimator ``(log q - log p_T)^2 / 2``
-    differentiated through the student's log-prob, whose gradient on student samples is
-    the reverse-KL policy gradient (k3 is allowed too). ``kd_mask_B`` drops the KD term for
-    chosen sequences (KDRL's reward-guided masking of already-correct responses).
+    with ``A_i`` the group-normalised verifier advantage (:func:`group_advantages`) and
+    ``rho = q_theta / q_sampler`` (1 on-policy). The KD term ``k`` is differentiated through the
+    student's log-prob of its own sampled token (a loss, not a reward), so what it optimises
+    depends on the estimator, on student samples ``y ~ q``:
+
+    - ``k2 = (log q - log p_T)^2 / 2``: ``E_q[(log q - log p_T) grad log q] = grad KL(q || p_T)``,
+      the reverse-KL gradient — KDRL's objective and default;
+    - ``k3 = p_T/q - 1 - log(p_T/q)``: ``E_q[(1 - p_T/q) grad log q] = -sum_y p_T grad log q
+      = grad KL(p_T || q)``, the *forward*-KL gradient, although k3's value estimates the reverse
+      KL. (KDRL compares such approximations; opd offers k3 under that name, for its
+      forward-KL gradient.)
+
+    Both hold only for tokens the student drew itself, which is why kdrl requires
+    ``rollout.sampler=student``. ``kd_mask_B`` drops the KD term for chosen sequences (KDRL's
+    reward-guided masking of already-correct responses).
     """
     pg_loss, student_lp_BC, metrics = sequence_reward_pg(
         student_logits_BCV, ids_BC, mask_BC, advantages_B, num_tokens=num_tokens, temperature=temperature,
         vocab_size=vocab_size, sampler_logprobs_BC=sampler_logprobs_BC, chunk_size=chunk_size,
+        importance_cap=importance_cap,
     )
-    sampler_lp_BC = _sampler_or_current(sampler_logprobs_BC, student_lp_BC)
     kd_BC = divergences.sampled_token(kd_estimator, student_lp_BC, teacher_logprobs_BC)
     kd_weight_BC = mask_BC if kd_mask_B is None else mask_BC * kd_mask_B[:, None]
     kd_total = (kd_BC * kd_weight_BC).sum()
+    with torch.no_grad():
+        k1_BC = divergences.sampled_token("k1", student_lp_BC.detach(), teacher_logprobs_BC)
     metrics["loss/kd_sum"] = float(kd_total.detach().item())
-    metrics["teacher/reverse_kl_k1_sum"] = float(
-        (divergences.sampled_token("k1", sampler_lp_BC, teacher_logprobs_BC) * mask_BC).sum().item()
-    )
+    metrics["teacher/reverse_kl_k1_sum"] = float((k1_BC * mask_BC).sum().item())
+    metrics.update(_route_metrics(k1_BC, mask_BC, route_B))
     return pg_loss + kd_coef * kd_total / _normaliser(num_tokens), metrics

@@ -6,8 +6,10 @@ optionally ``checkpoints/`` and ``final/``. :func:`write_report` reads any numbe
 and writes into ``out_dir``:
 
 * ``loss.png``, ``divergence.png``, ``accuracy.png``, ``first_error.png`` (metrics over
-  steps) and ``first_error_curve.png`` (the final first-error survival curve), every
-  plot comparing all runs on shared axes; a plot no run has data for is skipped;
+  steps), ``first_error_curve.png`` (the final first-error survival curve) and the
+  training-time diagnostics of :mod:`opd.diagnostics` over steps: ``topk_overlap.png``,
+  ``calibration.png``, ``length.png`` and ``stops.png`` (EOS / truncated / empty samples),
+  every plot comparing all runs on shared axes; a plot no run has data for is skipped;
 * ``index.html``: the plots, the resolved configs side by side (rows that differ between
   runs highlighted), a compute summary per run and the command line that produced it.
 
@@ -42,6 +44,11 @@ PLOT_FILES = {
     "accuracy": "accuracy.png",
     "first_error": "first_error.png",
     "first_error_curve": "first_error_curve.png",
+    # training-time diagnostics (opd.diagnostics, eval.diagnostics)
+    "topk_overlap": "topk_overlap.png",
+    "calibration": "calibration.png",
+    "length": "length.png",
+    "stops": "stops.png",
 }
 INDEX_FILE = "index.html"
 
@@ -423,6 +430,24 @@ def _make_plots(runs: Sequence[RunData], out_dir: Path) -> list[_Plot]:
     drawn = _plot_survival(runs, out_dir / PLOT_FILES["first_error_curve"])
     plots.append(_Plot("first_error_curve", "first-error survival curve (final eval)",
                        PLOT_FILES["first_error_curve"], drawn, "no run logged eval/first_error_curve"))
+    # training-time diagnostics (opd.diagnostics: eval.diagnostics)
+    diagnostics: list[tuple[str, str, list[str], str, str, tuple[float, float] | None]] = [
+        ("topk_overlap", "top-k overlap on student samples",
+         ["eval/topk_teacher_mass", "eval/topk_student_mass_in_teacher", "eval/topk_teacher_mass_in_student",
+          "eval/topk_sampled_outside_teacher"], "eval/topk_*", "probability mass / fraction of tokens",
+         (-0.02, 1.02)),
+        ("calibration", "teacher success continuing answers cut at 25/50/75 %",
+         ["eval/calibration_student_prefix", "eval/calibration_teacher_prefix", "eval/calibration_ratio"],
+         "eval/calibration_*", "success rate (ratio: student / own prefixes)", None),
+        ("length", "length of student samples", ["eval/student_length_mean"], "eval/student_length_mean",
+         "tokens", None),
+        ("stops", "how student samples end",
+         ["eval/student_eos_fraction", "eval/student_truncated_fraction", "eval/student_empty_fraction"],
+         "eval/student_*_fraction", "fraction of samples", (-0.02, 1.02)),
+    ]
+    for key, title, keys, needed, ylabel, ylim in diagnostics:
+        drawn = _plot_over_steps(runs, keys, out_dir / PLOT_FILES[key], title, ylabel, ylim)
+        plots.append(_Plot(key, title, PLOT_FILES[key], drawn, f"no run logged {needed}"))
     return plots
 
 

@@ -1,12 +1,20 @@
-"""Behaviour policies: who writes the response the loss is computed on.
+"""Behaviour policies: who writes the response the loss is computed on (design.md §2, axis 1).
 
-- student (on-policy): the student samples with the run's temperature / top-p / top-k,
-- dataset (off-policy): the reference answers of the data (supervised KD),
-- teacher (off-policy): the teacher samples (SeqKD, Kim & Rush 2016),
-- a per-sample mixture: each prompt is written by the student with probability
-  ``on_policy_fraction`` (GKD's lambda, arXiv 2306.13649, Algorithm 1), otherwise
-  by the off-policy source. The coin is flipped per sample, never once per batch,
-  and the realised fraction is reported as ``rollout/on_policy_fraction``.
+Per micro-batch (:class:`BehaviourPolicy`), each sample is written by
+
+- the student (on-policy), through a sampler: :class:`StudentSampler` (opd's KV-cached loop, the
+  ``hf`` engine), :class:`CoSampler` (MiniLLM's teacher-mixed sampling, Speculative KD's
+  student-proposes / teacher-replaces) or a vLLM engine (:mod:`opd.vllm_engine`);
+- or an off-policy source: :class:`DatasetAnswers` (supervised KD) or :class:`TeacherAnswers` (SeqKD),
+
+with GKD's per-sample mixture deciding which (``on_policy_fraction`` = lambda, arXiv 2306.13649,
+Algorithm 1; one coin per sample, never one per batch, the realised fraction logged as
+``rollout/on_policy_fraction``).
+
+Per optimizer step (:class:`Rollouts`, what the training loop asks for): :class:`PolicyRollouts`
+applies the run's schedules (a lambda schedule, Prefix OPD's rollout length) to a behaviour policy;
+:class:`AdaptiveRollouts` is DistiLLM's replay schedule; the teacher cache's stored rollouts are
+:class:`opd.cache.CachedRollouts`.
 
 All of them produce a :class:`SequenceBatch`: prompts left-padded to a common
 length, completions right-padded, and a completion mask that is 1 on generated
@@ -16,6 +24,7 @@ anything after EOS.
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import inspect
 import math
@@ -25,55 +34,12 @@ from typing import Any
 
 import torch
 
+from opd.batch import SequenceBatch, build_batch
 from opd.config import RolloutConfig
 from opd.cpu_linear import packed_for_decoding
 from opd.data import Example
 from opd.errors import DataError
-
-
-@dataclass
-class SequenceBatch:
-    """Prompt + completion token ids for a micro-batch.
-
-    ``input_ids_BT`` = ``[left-padded prompt (P) | right-padded completion (C)]``.
-    """
-
-    input_ids_BT: torch.Tensor
-    attention_mask_BT: torch.Tensor
-    completion_mask_BC: torch.Tensor  # float 0/1
-    prompt_len: int
-    on_policy_B: torch.Tensor  # bool: written by the student
-    # log-prob of each completion token under the distribution that sampled it (co-sampling)
-    sampler_logprobs_BC: torch.Tensor | None = None
-    examples: list[Example] | None = None  # the rows behind each sequence (rewards need references)
-    group_B: torch.Tensor | None = None  # prompt index of each sequence (samples_per_prompt > 1)
-    teacher_signal: Any = None  # cached / served teacher log-probs travelling with the batch
-
-    @property
-    def completion_len(self) -> int:
-        return self.completion_mask_BC.shape[1]
-
-    @property
-    def completion_ids_BC(self) -> torch.Tensor:
-        return self.input_ids_BT[:, self.prompt_len :]
-
-    @property
-    def num_tokens(self) -> int:
-        return int(self.completion_mask_BC.sum().item())
-
-    def select(self, rows: list[int]) -> SequenceBatch:
-        """The sub-batch of ``rows`` (e.g. the sequences routed to one teacher)."""
-        index = torch.tensor(rows, dtype=torch.long)
-
-        def pick(t: torch.Tensor | None) -> torch.Tensor | None:
-            return None if t is None else t.index_select(0, index)
-
-        return SequenceBatch(
-            self.input_ids_BT.index_select(0, index), self.attention_mask_BT.index_select(0, index),
-            self.completion_mask_BC.index_select(0, index), self.prompt_len, self.on_policy_B.index_select(0, index),
-            pick(self.sampler_logprobs_BC), [self.examples[i] for i in rows] if self.examples is not None else None,
-            pick(self.group_B),
-        )
+from opd.hooks import Hooks
 
 
 def truncate_at_eos(tokens: list[int], eos_ids: set[int]) -> list[int]:
@@ -82,40 +48,6 @@ def truncate_at_eos(tokens: list[int], eos_ids: set[int]) -> list[int]:
         if tok in eos_ids:
             return tokens[: i + 1]
     return tokens
-
-
-def build_batch(
-    prompts: list[list[int]], completions: list[list[int]], pad_id: int, on_policy: list[bool] | None = None,
-    sampler_logprobs: list[list[float] | None] | None = None,
-) -> SequenceBatch:
-    """Assemble prompts and completions into one padded batch."""
-    if len(prompts) != len(completions):
-        raise ValueError("prompts and completions differ in count")
-    prompt_len = max(len(p) for p in prompts)
-    completion_len = max(1, max(len(c) for c in completions))
-    batch = len(prompts)
-    input_ids = torch.full((batch, prompt_len + completion_len), pad_id, dtype=torch.long)
-    attention = torch.zeros((batch, prompt_len + completion_len), dtype=torch.long)
-    completion_mask = torch.zeros((batch, completion_len), dtype=torch.float32)
-    for i, (prompt, completion) in enumerate(zip(prompts, completions)):
-        input_ids[i, prompt_len - len(prompt) : prompt_len] = torch.tensor(prompt, dtype=torch.long)
-        attention[i, prompt_len - len(prompt) : prompt_len] = 1
-        if completion:
-            input_ids[i, prompt_len : prompt_len + len(completion)] = torch.tensor(completion, dtype=torch.long)
-            attention[i, prompt_len : prompt_len + len(completion)] = 1
-            completion_mask[i, : len(completion)] = 1.0
-    flags = torch.tensor(on_policy if on_policy is not None else [True] * batch, dtype=torch.bool)
-    sampler_BC = None
-    if sampler_logprobs is not None:
-        # NaN marks rows the sampler did not write (dataset / teacher rows): losses fall back to
-        # the current student there (ratio 1) instead of trusting a made-up value.
-        sampler_BC = torch.zeros((batch, completion_len), dtype=torch.float32)
-        for i, lps in enumerate(sampler_logprobs):
-            if lps is None:
-                sampler_BC[i] = float("nan")
-            else:
-                sampler_BC[i, : len(lps)] = torch.tensor(lps, dtype=torch.float32)
-    return SequenceBatch(input_ids, attention, completion_mask, prompt_len, flags, sampler_BC)
 
 
 @dataclass
@@ -295,7 +227,8 @@ def filtered_logprobs(logits_BV: torch.Tensor, params: SamplingParams) -> torch.
 
 @torch.no_grad()
 def sample_generate(
-    model: torch.nn.Module, prompts: list[list[int]], params: SamplingParams, tokenizer: Any
+    model: torch.nn.Module, prompts: list[list[int]], params: SamplingParams, tokenizer: Any,
+    generator: torch.Generator | None = None,
 ) -> tuple[list[list[int]], list[list[float]]]:
     """Student rollouts of the ``hf`` engine: the model decoded with its KV cache by opd's own loop.
 
@@ -304,7 +237,8 @@ def sample_generate(
     ran, so under ``train.mixed_precision`` the bf16 sampler's log-probs, which the sampled-token
     objectives use as pi_sampler. Tokens are drawn by inverting the CDF with one uniform per row
     (``torch.rand``, the seeded and checkpointed RNG): ~1.5 ms per step at V = 49k against ~7 ms for
-    ``torch.multinomial`` on 2 CPU cores. Greedy rows get log-prob 0 (the greedy policy is
+    ``torch.multinomial`` on 2 CPU cores (``generator``: a private stream instead, for rollouts that
+    run beside training). Greedy rows get log-prob 0 (the greedy policy is
     deterministic). Completions are cut after the first EOS.
     """
     if not prompts:
@@ -327,7 +261,7 @@ def sample_generate(
                     logprobs_BV = filtered_logprobs(decoder.last_logits, params)
                     cdf_BV = logprobs_BV.exp().cumsum(-1)
                     # First index whose CDF exceeds u: never a zero-probability token, never past the end.
-                    u_B1 = torch.rand(len(prompts), 1, device=device) * cdf_BV[:, -1:]
+                    u_B1 = torch.rand(len(prompts), 1, device=device, generator=generator) * cdf_BV[:, -1:]
                     token_B = torch.searchsorted(cdf_BV, u_B1, right=True).squeeze(-1).clamp(max=cdf_BV.shape[-1] - 1)
                     token_lp_B = logprobs_BV.gather(-1, token_B[:, None]).squeeze(-1)
                 token_B = record.add(token_B, token_lp_B)
@@ -425,89 +359,144 @@ def co_generate(
     return completions, sampler_lps, {"rollout/teacher_token_fraction": from_teacher / max(counted, 1.0)}
 
 
+class StudentSampler:
+    """On-policy samples from the student alone, decoded by :func:`sample_generate` (the ``hf`` engine)."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+
+    def sample(self, student: torch.nn.Module, prompts: list[list[int]], params: SamplingParams,
+               generator: torch.Generator | None = None) -> tuple[list[list[int]], list[list[float]], dict[str, float]]:
+        outs, lps = sample_generate(student, prompts, params, self.tokenizer, generator)
+        return outs, lps, {}
+
+
+class CoSampler:
+    """On-policy samples decoded with the teacher alongside (:func:`co_generate`): MiniLLM's
+    teacher-mixed sampling (``mixture``) or Speculative KD (``speculative``)."""
+
+    def __init__(self, teacher: Any, tokenizer: Any, rule: str, mixture_alpha: float, accept_top_k: int) -> None:
+        if teacher is None or not hasattr(teacher, "model"):
+            raise DataError(f"rollout.sampler={rule} needs a local teacher model")
+        self.teacher = teacher
+        self.tokenizer = tokenizer
+        self.rule = rule
+        self.mixture_alpha = mixture_alpha
+        self.accept_top_k = accept_top_k
+
+    def sample(self, student: torch.nn.Module, prompts: list[list[int]], params: SamplingParams,
+               generator: torch.Generator | None = None) -> tuple[list[list[int]], list[list[float]], dict[str, float]]:
+        if generator is not None:
+            raise DataError("co-sampling decodes with the shared teacher and cannot run beside training")
+        # A teacher set to compute in bf16 (LocalTeacher.compute_in) decodes under its own autocast.
+        with getattr(self.teacher, "precision", contextlib.nullcontext)():
+            return co_generate(student, self.teacher.model, prompts, params, self.tokenizer, rule=self.rule,
+                               mixture_alpha=self.mixture_alpha, accept_top_k=self.accept_top_k)
+
+
+class DatasetAnswers:
+    """Off-policy rows written by the dataset's reference answers (supervised KD), cut to the step's
+    rollout length; ``rollout/truncated_references`` counts answers longer than ``max_new_tokens``."""
+
+    def __init__(self, max_new_tokens: int | None = None) -> None:
+        self.max_new_tokens = max_new_tokens
+
+    def write(self, examples: list[Example], params: SamplingParams) -> tuple[list[list[int]], dict[str, float]]:
+        cap = self.max_new_tokens or params.max_new_tokens
+        truncated = 0
+        completions = []
+        for example in examples:
+            if example.answer_ids is None:
+                raise DataError(
+                    f"prompt {example.prompt[:40]!r} has no reference answer, which "
+                    "rollout.off_policy_source=dataset needs; add answers or use on_policy_fraction=1"
+                )
+            truncated += len(example.answer_ids) > cap
+            completions.append(example.answer_ids[: params.max_new_tokens])  # prefix-aware
+        return completions, {"rollout/truncated_references": float(truncated)}
+
+
+class TeacherAnswers:
+    """Off-policy rows written by the teacher's own samples (SeqKD, Kim & Rush 2016)."""
+
+    def __init__(self, teacher: Any) -> None:
+        if teacher is None:
+            raise DataError("rollout.off_policy_source=teacher needs a teacher model")
+        self.teacher = teacher
+
+    def write(self, examples: list[Example], params: SamplingParams) -> tuple[list[list[int]], dict[str, float]]:
+        start = time.perf_counter()
+        outs = self.teacher.generate([e.prompt_ids for e in examples], params)
+        return outs, {"perf/generate_teacher_s": time.perf_counter() - start}
+
+
 class BehaviourPolicy:
-    """Decides, per sample, who writes each response, and produces the batch."""
+    """Decides, per sample, who writes each response, and produces the micro-batch.
+
+    Each sample is written by ``sampler`` (the student, alone or co-sampled with the teacher) with
+    probability lambda and otherwise by ``off_policy`` (the dataset's answers or the teacher's
+    samples) — GKD's per-sample mixture (arXiv 2306.13649, Algorithm 1); lambda 1 is on-policy
+    distillation, lambda 0 supervised KD / SeqKD. Without explicit parts, they follow ``cfg``.
+    """
 
     def __init__(
         self, cfg: RolloutConfig, temperature: float, tokenizer: Any, teacher: Any | None = None,
-        vocab_size: int | None = None,
+        vocab_size: int | None = None, *, sampler: Any = None, off_policy: Any = None,
     ) -> None:
         self.cfg = cfg
         self.tokenizer = tokenizer
-        self.teacher = teacher
-        self.engine: Any = None  # a VLLMEngine when rollout.engine=vllm (set by the trainer)
         self.params = SamplingParams(
             max_new_tokens=cfg.max_new_tokens, temperature=temperature, top_p=cfg.top_p, top_k=cfg.top_k,
             vocab_size=vocab_size,
         )
+        if sampler is None:
+            sampler = StudentSampler(tokenizer) if cfg.sampler not in CO_SAMPLERS else CoSampler(
+                teacher, tokenizer, cfg.sampler, cfg.mixture_alpha, cfg.speculative_top_k)
+        self.sampler = sampler
+        self._off_policy = off_policy
+        self._teacher = teacher
+
+    @property
+    def off_policy(self) -> Any:
+        # Built on first use: a run that never writes off-policy rows needs no teacher / answers for it.
+        if self._off_policy is None:
+            self._off_policy = DatasetAnswers(self.cfg.max_new_tokens) if self.cfg.off_policy_source == "dataset" else \
+                TeacherAnswers(self._teacher)
+        return self._off_policy
 
     def rollout(
-        self, student: torch.nn.Module, prompts: list[Example], on_policy_fraction: float | None = None
+        self, student: torch.nn.Module, prompts: list[Example], on_policy_fraction: float | None = None,
+        generator: torch.Generator | None = None,
     ) -> tuple[SequenceBatch, dict[str, float]]:
-        """Write one micro-batch; ``on_policy_fraction`` overrides the configured lambda."""
+        """Write one micro-batch; ``on_policy_fraction`` overrides the configured lambda. Randomness comes
+        from the global (seeded, checkpointed) RNG, or from ``generator`` when given."""
         fraction = self.cfg.on_policy_fraction if on_policy_fraction is None else on_policy_fraction
         # Each prompt is answered samples_per_prompt times (GRPO-style groups for outcome rewards).
         repeats = self.cfg.samples_per_prompt
         examples = [example for example in prompts for _ in range(repeats)]
         # One uniform draw per sample from the global (seeded, checkpointed) RNG.
-        coins = torch.rand(len(examples))
+        coins = torch.rand(len(examples), generator=generator)
         on_policy = (coins < fraction).tolist()
         completions: list[list[int] | None] = [None] * len(examples)
-        timings: dict[str, float] = {}
+        metrics: dict[str, float] = {"rollout/truncated_references": 0.0}
 
         student_idx = [i for i, flag in enumerate(on_policy) if flag]
         off_idx = [i for i, flag in enumerate(on_policy) if not flag]
         sampler_lps: list[list[float] | None] | None = None
-        if student_idx and self.cfg.sampler != "student":
-            if self.teacher is None or not hasattr(self.teacher, "model"):
-                raise DataError(f"rollout.sampler={self.cfg.sampler} needs a local teacher model")
+        if student_idx:
             start = time.perf_counter()
-            # A teacher set to compute in bf16 (LocalTeacher.compute_in) decodes under its own autocast.
-            precision = getattr(self.teacher, "precision", contextlib.nullcontext)
-            with precision():
-                outs, lps, co_metrics = co_generate(
-                    student, self.teacher.model, [examples[i].prompt_ids for i in student_idx], self.params,
-                    self.tokenizer, rule=self.cfg.sampler, mixture_alpha=self.cfg.mixture_alpha,
-                    accept_top_k=self.cfg.speculative_top_k,
-                )
-            timings["perf/generate_student_s"] = time.perf_counter() - start
-            timings.update(co_metrics)
+            outs, lps, sample_metrics = self.sampler.sample(student, [examples[i].prompt_ids for i in student_idx],
+                                                            self.params, generator)
+            metrics["perf/generate_student_s"] = time.perf_counter() - start
+            metrics.update(sample_metrics)
             sampler_lps = [None] * len(examples)
             for i, seq, lp in zip(student_idx, outs, lps):
                 completions[i], sampler_lps[i] = seq, lp
-        elif student_idx and self.engine is not None:
-            start = time.perf_counter()
-            outs, lps = self.engine.generate([examples[i].prompt_ids for i in student_idx], self.params)
-            timings["perf/generate_student_s"] = time.perf_counter() - start
-            sampler_lps = [None] * len(examples)
-            for i, seq, lp in zip(student_idx, outs, lps):
-                completions[i], sampler_lps[i] = seq, lp
-        elif student_idx:
-            start = time.perf_counter()
-            outs, lps = sample_generate(student, [examples[i].prompt_ids for i in student_idx], self.params,
-                                        self.tokenizer)
-            timings["perf/generate_student_s"] = time.perf_counter() - start
-            sampler_lps = [None] * len(examples)
-            for i, seq, lp in zip(student_idx, outs, lps):
-                completions[i], sampler_lps[i] = seq, lp
-        if off_idx and self.cfg.off_policy_source == "teacher":
-            if self.teacher is None:
-                raise DataError("rollout.off_policy_source=teacher needs a teacher model")
-            start = time.perf_counter()
-            outs = self.teacher.generate([examples[i].prompt_ids for i in off_idx], self.params)
-            timings["perf/generate_teacher_s"] = time.perf_counter() - start
+        if off_idx:
+            outs, write_metrics = self.off_policy.write([examples[i] for i in off_idx], self.params)
+            metrics.update(write_metrics)
             for i, seq in zip(off_idx, outs):
                 completions[i] = seq
-        truncated_refs = 0
-        if off_idx and self.cfg.off_policy_source == "dataset":
-            for i in off_idx:
-                if examples[i].answer_ids is None:
-                    raise DataError(
-                        f"prompt {examples[i].prompt[:40]!r} has no reference answer, which "
-                        "rollout.off_policy_source=dataset needs; add answers or use on_policy_fraction=1"
-                    )
-                truncated_refs += len(examples[i].answer_ids) > self.cfg.max_new_tokens
-                completions[i] = examples[i].answer_ids[: self.params.max_new_tokens]  # prefix-aware
 
         batch = build_batch(
             [e.prompt_ids for e in examples],
@@ -520,14 +509,347 @@ class BehaviourPolicy:
         batch.group_B = torch.arange(len(prompts)).repeat_interleave(repeats)
         stops = set(stop_token_ids(student, self.tokenizer))
         ended = [bool(c) and c[-1] in stops for c in completions]
-        metrics = {
+        metrics.update({
             "rollout/on_policy_fraction": sum(on_policy) / len(on_policy),
             "rollout/completion_tokens_mean": batch.num_tokens / len(examples),
             "rollout/eos_fraction": sum(ended) / len(ended),
-            "rollout/truncated_references": float(truncated_refs),
-            **timings,
-        }
+        })
         return batch, metrics
+
+    def token_counts(self, batch: SequenceBatch) -> tuple[float, float]:
+        """Completion tokens the batch cost to write: ``(by the student, by the teacher)``."""
+        lengths_B = batch.completion_mask_BC.sum(-1)
+        teacher_writes_off = self.cfg.off_policy_source == "teacher"
+        co_sampled = float(isinstance(self.sampler, CoSampler))  # the teacher decodes every on-policy token
+        student = float((lengths_B * batch.on_policy_B).sum().item())
+        teacher = float((lengths_B * (~batch.on_policy_B if teacher_writes_off else batch.on_policy_B * co_sampled))
+                        .sum().item())
+        return student, teacher
+
+
+class ExampleStream:
+    """Deterministic epoch-wise shuffling addressed by a global position (for exact resume)."""
+
+    def __init__(self, examples: list[Any], seed: int, rank: int = 0, world: int = 1) -> None:
+        self.examples = examples
+        self.seed = seed
+        self.rank = rank
+        self.world = world
+        self.position = 0  # examples consumed globally
+        self._epoch = -1
+        self._order: list[int] = []
+
+    def _index(self, global_pos: int) -> int:
+        epoch, offset = divmod(global_pos, len(self.examples))
+        if epoch != self._epoch:
+            gen = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+            self._order = torch.randperm(len(self.examples), generator=gen).tolist()
+            self._epoch = epoch
+        return self._order[offset]
+
+    def next(self, batch_size: int) -> list[Any]:
+        start = self.position + self.rank * batch_size
+        batch = [self.examples[self._index(start + i)] for i in range(batch_size)]
+        self.position += batch_size * self.world
+        return batch
+
+
+def rollout_length(cfg: Any, step: int, total_steps: int) -> int:
+    """Tokens to sample at ``step`` (1-based): the prefix schedule of Prefix OPD
+    (arXiv 2602.15260), linear from ``prefix_tokens`` to ``prefix_tokens_final``, capped by
+    ``max_new_tokens``; plain ``max_new_tokens`` when no prefix is set."""
+    if cfg.prefix_tokens is None:
+        return cfg.max_new_tokens
+    final = cfg.prefix_tokens_final or cfg.prefix_tokens
+    progress = (step - 1) / max(1, total_steps - 1)
+    length = round(cfg.prefix_tokens + progress * (final - cfg.prefix_tokens))
+    return max(1, min(cfg.max_new_tokens, length))
+
+
+class Rollouts(Hooks, abc.ABC):
+    """What the training loop asks for each optimizer step: ``grad_accum`` micro-batches of
+    ``batch_size`` rows from the data stream, and what they cost to write.
+
+    Subclasses say where a micro-batch comes from (:meth:`micro_batch`); the stream's position is
+    their checkpointed state.
+    """
+
+    def __init__(self, stream: ExampleStream, batch_size: int, grad_accum: int, total_steps: int) -> None:
+        self.stream = stream
+        self.batch_size = batch_size
+        self.grad_accum = grad_accum
+        self.total_steps = total_steps
+
+    def next_step(self, student: torch.nn.Module, step: int, generator: torch.Generator | None = None
+                  ) -> tuple[list[SequenceBatch], list[dict[str, float]]]:
+        """The micro-batches of optimizer step ``step``; randomness from the global RNG, or ``generator``."""
+        self.begin(step)
+        batches, metrics = [], []
+        for _ in range(self.grad_accum):
+            batch, batch_metrics = self.micro_batch(student, step, self.stream.next(self.batch_size), generator)
+            batches.append(batch)
+            metrics.append(batch_metrics)
+        return batches, metrics
+
+    def begin(self, step: int) -> None:
+        """Per-step settings, before the first micro-batch."""
+
+    @abc.abstractmethod
+    def micro_batch(self, student: torch.nn.Module, step: int, rows: list[Any],
+                    generator: torch.Generator | None = None) -> tuple[SequenceBatch, dict[str, float]]:
+        """One micro-batch written for ``rows`` (prompts, or whatever the stream holds)."""
+
+    def token_counts(self, batch: SequenceBatch) -> tuple[float, float]:
+        """Completion tokens the batch cost to write: ``(by the student, by the teacher)``."""
+        return float(batch.completion_mask_BC.sum().item()), 0.0
+
+    @property
+    def max_new_tokens(self) -> int:
+        return 0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"data_position": self.stream.position}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.stream.position = int(state["data_position"])
+
+
+class PolicyRollouts(Rollouts):
+    """Prompts answered by a :class:`BehaviourPolicy`, with the run's schedules applied each step:
+    GKD's lambda (``rollout.on_policy_schedule``) and Prefix OPD's rollout length."""
+
+    def __init__(self, policy: BehaviourPolicy, stream: ExampleStream, batch_size: int, grad_accum: int,
+                 total_steps: int, precision: Any = contextlib.nullcontext) -> None:
+        super().__init__(stream, batch_size, grad_accum, total_steps)
+        self.policy = policy
+        self.precision = precision  # autocast around a rollout: weights cast once per rollout, not per token
+        self.fraction = policy.cfg.on_policy_fraction
+
+    def begin(self, step: int) -> None:
+        self.policy.params.max_new_tokens = rollout_length(self.policy.cfg, step, self.total_steps)
+        self.fraction = self.policy.cfg.on_policy_fraction_at(step, self.total_steps)
+
+    def micro_batch(self, student: torch.nn.Module, step: int, rows: list[Any],
+                    generator: torch.Generator | None = None) -> tuple[SequenceBatch, dict[str, float]]:
+        with self.precision():
+            batch, metrics = self.policy.rollout(student, rows, self.fraction, generator)
+        metrics["rollout/on_policy_target"] = self.fraction
+        return batch, metrics
+
+    def token_counts(self, batch: SequenceBatch) -> tuple[float, float]:
+        return self.policy.token_counts(batch)
+
+    @property
+    def max_new_tokens(self) -> int:
+        return self.policy.params.max_new_tokens
+
+
+class AdaptiveRollouts(PolicyRollouts):
+    """DistiLLM's adaptive off-policy schedule (:class:`AdaptiveOffPolicy`): each step's rows are
+    fresh student samples, a replay of earlier ones, or the dataset's answers, and the student
+    probability rises when the validation loss (``validation_loss()``, every ``eval_every`` steps)
+    worsens."""
+
+    def __init__(self, policy: BehaviourPolicy, stream: ExampleStream, batch_size: int, grad_accum: int,
+                 total_steps: int, schedule: AdaptiveOffPolicy, validation_loss: Any, eval_every: int,
+                 precision: Any = contextlib.nullcontext, log: Any = None) -> None:
+        super().__init__(policy, stream, batch_size, grad_accum, total_steps, precision)
+        self.schedule = schedule
+        self.validation_loss = validation_loss
+        self.eval_every = eval_every
+        self.log = log
+        self.source = "dataset"
+
+    def begin(self, step: int) -> None:
+        super().begin(step)
+        self.source = self.schedule.choose(step, self.total_steps)
+
+    def micro_batch(self, student: torch.nn.Module, step: int, rows: list[Any],
+                    generator: torch.Generator | None = None) -> tuple[SequenceBatch, dict[str, float]]:
+        if self.source == "replay":
+            batch = self.schedule.replay(self.batch_size, self.policy.tokenizer.pad_token_id)
+            metrics = {"rollout/on_policy_fraction": 0.0}
+        else:
+            with self.precision():
+                batch, metrics = self.policy.rollout(student, rows, float(self.source == "student"))
+            if self.source == "student":
+                self.schedule.record(batch)
+        metrics.update({"rollout/adaptive_phi": self.schedule.phi,
+                        "rollout/replay_fraction": float(self.source == "replay"),
+                        "rollout/replay_buffer": float(len(self.schedule.buffer))})
+        return batch, metrics
+
+    def after_step(self, step: int, stepped: bool) -> dict[str, float]:
+        if step % self.eval_every:
+            return {}
+        val_loss = self.validation_loss()
+        if self.schedule.update(val_loss) and self.log is not None:
+            self.log(f"step {step}: validation loss {val_loss:.4f} rose; student-sample probability -> "
+                     f"{self.schedule.phi:.2f}")
+        return {"eval/reference_nll": val_loss, "rollout/adaptive_phi": self.schedule.phi}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "adaptive_off_policy": self.schedule.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.schedule.load_state_dict(state["adaptive_off_policy"])
+
+
+class SnapshotSampler(Hooks):
+    """The ``hf`` engine for asynchronous rollouts: opd's decoding loop on a snapshot of the student,
+    so rollouts can be written beside training (torch kernels release the GIL) from weights that only
+    change when :meth:`push` copies the student's in. Costs one more copy of the student."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+        self.student: Any = None
+        self.snapshot: torch.nn.Module | None = None
+        self.version = 0
+        self.last_sync_s = 0.0
+
+    def start(self, student: Any = None) -> None:
+        import copy
+
+        self.student = student
+        self.snapshot = copy.deepcopy(student.module)
+        self.snapshot.requires_grad_(False)
+        self.version = student.step
+
+    @torch.no_grad()
+    def push(self, step: int) -> float:
+        started = time.perf_counter()
+        assert self.snapshot is not None, "the snapshot sampler was not started"
+        for copy_param, param in zip(self.snapshot.parameters(), self.student.module.parameters()):
+            copy_param.copy_(param.detach())
+        self.version = step
+        self.last_sync_s = time.perf_counter() - started
+        return self.last_sync_s
+
+    def sample(self, student: torch.nn.Module, prompts: list[list[int]], params: SamplingParams,
+               generator: torch.Generator | None = None) -> tuple[list[list[int]], list[list[float]], dict[str, float]]:
+        assert self.snapshot is not None, "the snapshot sampler was not started"
+        outs, lps = sample_generate(self.snapshot, prompts, params, self.tokenizer, generator)
+        return outs, lps, {"rollout/weight_version": float(self.version)}
+
+
+class AsyncRollouts(Hooks):
+    """Rollouts written ahead, beside training (``rollout.async_steps`` = k): the micro-batches of step
+    t are written while step t-1 (and t-2) train, by a sampler holding its own copy of the weights
+    (:class:`SnapshotSampler`, :class:`opd.rollout_server.VLLMServerSampler`).
+
+    The schedule is fixed, so a run is deterministic and resumes exactly: one background worker
+    writes the steps in order; step t's rollout starts after step t-1-k ended and uses the weights
+    pushed then (step t-1-k's, or an older push with ``rollout.weight_sync_every`` > 1); before a push
+    every rollout still being written is waited for, so no rollout mixes two weight versions; each
+    step's randomness comes from its own generator seeded by (seed, rank, step), never from the global
+    RNG that training uses. ``rollout/policy_lag`` logs t-1 minus the version a step's rollout used (k
+    in steady state); the objectives correct for it through the sampler's log-probs (importance ratio,
+    optionally capped by ``loss.importance_cap``). A checkpoint holds the rollouts written ahead, so
+    ``--resume`` needs no old weights.
+    """
+
+    def __init__(self, inner: Rollouts, lag: int, sampler: Any, seed: int, rank: int, sync_every: int,
+                 example_index: dict[int, int] | None = None) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.inner = inner
+        self.lag = lag
+        self.sampler = sampler
+        self.seed = seed
+        self.rank = rank
+        self.sync_every = sync_every
+        self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="opd-rollouts")
+        self.pending: dict[int, Any] = {}  # step -> Future of (batches, metrics, version)
+        self.written: dict[int, tuple[list[SequenceBatch], list[dict[str, float]], int]] = {}
+        self.next_step_to_write = 1
+        self.student: Any = None
+        self._examples = list(getattr(inner.stream, "examples", []))
+        self._index = example_index or {id(e): i for i, e in enumerate(self._examples)}
+
+    @property
+    def stream(self) -> ExampleStream:
+        return self.inner.stream
+
+    @property
+    def max_new_tokens(self) -> int:
+        return self.inner.max_new_tokens
+
+    def token_counts(self, batch: SequenceBatch) -> tuple[float, float]:
+        return self.inner.token_counts(batch)
+
+    def _generator(self, step: int) -> torch.Generator:
+        return torch.Generator().manual_seed((self.seed * 1_000_003 + self.rank) * 100_019 + step)
+
+    def _write(self, step: int, version: int) -> tuple[list[SequenceBatch], list[dict[str, float]], int]:
+        with torch.no_grad():
+            batches, metrics = self.inner.next_step(self.student, step, self._generator(step))
+        return batches, metrics, version
+
+    def _launch_until(self, last: int) -> None:
+        while self.next_step_to_write <= last:
+            step = self.next_step_to_write
+            self.pending[step] = self.worker.submit(self._write, step, self.sampler.version)
+            self.next_step_to_write += 1
+
+    def _settle(self) -> None:
+        """Wait for every rollout being written."""
+        for step in sorted(self.pending):
+            self.written[step] = self.pending.pop(step).result()
+
+    def start(self, student: Any = None) -> None:
+        self.sampler.start(student)
+        self.student = student.module if student is not None else None
+        # A fresh run writes steps 1 .. 1 + k now; a resumed one has them from its checkpoint.
+        self._launch_until(max(self.next_step_to_write - 1, 1 + self.lag))
+
+    def next_step(self, student: torch.nn.Module, step: int, generator: torch.Generator | None = None
+                  ) -> tuple[list[SequenceBatch], list[dict[str, float]]]:
+        if step in self.pending:
+            self.written[step] = self.pending.pop(step).result()
+        batches, metrics, version = self.written.pop(step)
+        for row in metrics:
+            row["rollout/policy_lag"] = float(step - 1 - version)
+        return batches, metrics
+
+    def after_step(self, step: int, stepped: bool) -> dict[str, float]:
+        out = {}
+        if step % self.sync_every == 0:
+            self._settle()  # no rollout may be written across two weight versions
+            self.sampler.push(step)
+            out["perf/weight_sync_s"] = self.sampler.last_sync_s
+        self._launch_until(step + 1 + self.lag)
+        return out
+
+    def close(self) -> None:
+        self.worker.shutdown(wait=True, cancel_futures=True)
+        self.sampler.close()
+
+    # -- checkpoints: the rollouts written ahead travel with the student ------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        self._settle()
+        ahead = {str(step): {"batches": [self._pack(b) for b in batches], "metrics": metrics, "version": version}
+                 for step, (batches, metrics, version) in self.written.items()}
+        return {**self.inner.state_dict(), "async_rollouts": {"ahead": ahead, "next": self.next_step_to_write,
+                                                               "version": self.sampler.version}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.inner.load_state_dict(state)
+        saved = state["async_rollouts"]
+        self.written = {int(step): ([self._unpack(b) for b in entry["batches"]], entry["metrics"], entry["version"])
+                        for step, entry in saved["ahead"].items()}
+        self.next_step_to_write = int(saved["next"])
+
+    def _pack(self, batch: SequenceBatch) -> dict[str, Any]:
+        return {"input_ids": batch.input_ids_BT, "attention": batch.attention_mask_BT,
+                "mask": batch.completion_mask_BC, "prompt_len": batch.prompt_len, "on_policy": batch.on_policy_B,
+                "sampler": batch.sampler_logprobs_BC, "group": batch.group_B,
+                "examples": [self._index[id(e)] for e in batch.examples or []]}
+
+    def _unpack(self, packed: dict[str, Any]) -> SequenceBatch:
+        return SequenceBatch(packed["input_ids"], packed["attention"], packed["mask"], int(packed["prompt_len"]),
+                             packed["on_policy"], packed["sampler"], [self._examples[i] for i in packed["examples"]],
+                             packed["group"])
 
 
 class AdaptiveOffPolicy:

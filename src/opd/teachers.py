@@ -1,18 +1,30 @@
-"""Teachers: what the teacher exposes decides how the divergence can be evaluated.
+"""Teachers: every kind answers ``score(batch) -> TeacherSignal`` (:mod:`opd.signal`).
 
-This module holds the white-box local teacher (full next-token distributions from
-any ``AutoModelForCausalLM``). Every teacher offers the same two calls:
+What the teacher exposes decides how the divergence can be evaluated (design.md §2):
 
-- ``score(batch) -> logits [B, C, V]`` at the positions predicting the completion,
-- ``generate(prompts, params) -> completions`` for off-policy teacher rollouts (SeqKD).
+- :class:`LocalTeacher` — a white-box model: full next-token logits (``text`` kind: only writes answers);
+- :class:`CrossTokenizerTeacher` — a white-box model with its own tokenizer: its logits on its own
+  re-tokenisation of the completions, byte-aligned with the student's (ULD / GOLD);
+- :class:`SelfTeacher` — the student shown privileged context (OPSD, SDFT): full logits;
+- :class:`ServedTeacher` — an OpenAI-compatible server: sampled-token and top-k log-probs;
+- :class:`RoutedTeacher` — several teachers, each row scored by the one its data names (MOPD);
+- :class:`WithSignals` — any of the above plus extra signal sources: a frozen reference policy
+  (:class:`ReferencePolicy`, G-OPD / ExOPD) or sequence rewards (a verifier, GAD's discriminator);
+- :class:`NoTeacher` — objectives that need no teacher signal (SeqKD's cross-entropy).
+
+The cached teacher lives in :mod:`opd.cache`. Besides ``score``, a teacher may ``generate`` answers
+(off-policy teacher rollouts) and reports ``flops_per_token`` (0 when it runs elsewhere),
+``scores_tokens`` and ``pop_stats()`` (request counters of remote teachers), all through
+:class:`Teacher`'s defaults unless the kind has something to say.
 """
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import copy
 import string
-import threading
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -21,8 +33,11 @@ from opd.config import TeacherConfig
 from opd.cpu_linear import OneDNNLinear
 from opd.data import Example
 from opd.errors import DataError, ModelError
+from opd.hooks import Hooks
 from opd.models import completion_logits, load_causal_lm, load_tokenizer
 from opd.rollout import SamplingParams, SequenceBatch, build_batch, hf_generate
+from opd.serverpool import BadResponse, ServerError, ServerPool
+from opd.signal import CrossTokenizerView, TeacherSignal, merge_rows
 
 
 def check_same_tokenizer(student_tok: Any, teacher_tok: Any) -> None:
@@ -70,24 +85,58 @@ def _with_prompts(batch: SequenceBatch, prompts: list[list[int]], pad_id: int) -
     return build_batch(prompts, completions, pad_id)  # same completions, so the same width C
 
 
-class LocalTeacher:
-    """A frozen local causal LM in its own dtype, scored without gradients."""
+class Teacher(abc.ABC):
+    """Defaults every teacher kind shares; a kind overrides what it has to say."""
 
+    name = "teacher"
+    flops_per_token = 0.0  # estimated FLOPs of one scored token (0: unknown or spent elsewhere)
+    scores_tokens = True  # whether score() evaluates the teacher on every completion token
+
+    @abc.abstractmethod
+    def score(self, batch: SequenceBatch) -> TeacherSignal:
+        """The teacher's feedback on the batch's completions."""
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[list[int]]:
+        raise DataError(f"{self.name} only scores rollouts; it cannot write off-policy answers")
+
+    def pop_stats(self) -> dict[str, float]:
+        """Counters since the last call (requests, retries, ... for remote teachers)."""
+        return {}
+
+
+class NoTeacher(Teacher):
+    """For objectives that read no teacher signal (cross-entropy on teacher-written text)."""
+
+    name = "no teacher"
+    scores_tokens = False
+
+    def score(self, batch: SequenceBatch) -> TeacherSignal:
+        return TeacherSignal()
+
+
+class LocalTeacher(Teacher):
+    """A frozen local causal LM in its own dtype, scored without gradients.
+
+    With ``student_tokenizer`` it is a text-only teacher with its own vocabulary: it talks to the
+    student through text (prompts decoded with the student's tokenizer and re-encoded with its own,
+    answers the other way round) and exposes nothing else.
+    """
 
     def __init__(self, model: torch.nn.Module, tokenizer: Any, name: str = "teacher",
                  student_tokenizer: Any | None = None) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.name = name
-        # A text-only teacher talks to the student through text: prompts are decoded with the
-        # student's tokenizer and re-encoded with the teacher's, and answers the other way round.
         self.student_tokenizer = student_tokenizer
         self.student_template: Any = None  # set by from_config: the student's chat template
-        self.kind = "text" if student_tokenizer is not None else "local"
         self.chat_template = getattr(tokenizer, "chat_template", None)
         self.model.eval()
         self.model.requires_grad_(False)
         self.compute_dtype: torch.dtype | None = None  # set by compute_in: every call runs under autocast
+        self.flops_per_token = 2.0 * sum(p.numel() for p in model.parameters())
+        # True (set by the builder once opd.fused.check_fused passed): score() hands back final hidden
+        # states + head, whose logits the loss forms a chunk at a time.
+        self.fused = False
 
     def compute_in(self, dtype: torch.dtype) -> None:
         """Compute in ``dtype`` (``train.mixed_precision``): the weights of the plain linear layers are
@@ -113,52 +162,39 @@ class LocalTeacher:
         return torch.autocast(device.type, dtype=self.compute_dtype)
 
     @classmethod
-    def from_config(cls, cfg: TeacherConfig, student_tokenizer: Any, *, cpu_linear: str = "onednn") -> LocalTeacher:
+    def from_config(cls, cfg: TeacherConfig, student_tokenizer: Any, *, cpu_linear: str = "onednn",
+                    own_vocabulary: bool = False) -> LocalTeacher:
+        """Load ``cfg.model``. A teacher sharing the student's vocabulary must have the same tokenizer;
+        ``own_vocabulary`` lets it have its own (text-only and cross-tokenizer teachers)."""
         if cfg.model is None:
             raise ModelError("teacher.model is not set")
         tokenizer = load_tokenizer(cfg.tokenizer or cfg.model, trust_remote_code=cfg.trust_remote_code)
-        if cfg.kind == "local":
+        if not own_vocabulary:
             check_same_tokenizer(student_tokenizer, tokenizer)
-        elif cfg.kind == "cross_tokenizer" and tokenizer.eos_token_id is None:
-            raise ModelError(f"the teacher tokenizer of {cfg.model} has no EOS token, which cross-tokenizer "
-                             "alignment pairs with the student's")
         model = load_causal_lm(cfg.model, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code,
                                attn_implementation=cfg.attn_implementation, cpu_linear=cpu_linear)
-        teacher = cls(model, tokenizer, name=cfg.model,
-                      student_tokenizer=student_tokenizer if cfg.kind in ("text", "cross_tokenizer") else None)
-        teacher.kind = cfg.kind
+        teacher = cls(model, tokenizer, name=cfg.model, student_tokenizer=student_tokenizer if own_vocabulary else None)
         teacher.student_template = getattr(student_tokenizer, "chat_template", None)
         return teacher
 
     @torch.no_grad()
-    def score(self, batch: SequenceBatch) -> torch.Tensor:
+    def logits(self, batch: SequenceBatch) -> Any:
         """Teacher logits ``[B, C, V_teacher]`` at the positions predicting the completion (behind
-        its own chat template when that differs from the student's)."""
+        its own chat template when that differs from the student's) — or, when ``fused``, its final
+        hidden states there with its head (:class:`opd.fused.HiddenLogits`, the same logits unmade)."""
+        from opd.fused import completion_hidden
+
         device = next(self.model.parameters()).device
         prompts = own_template_prompts(batch, self.tokenizer, self.student_template)
         if prompts is not None:
             batch = _with_prompts(batch, prompts, self.tokenizer.pad_token_id or 0)
+        forward = completion_hidden if self.fused else completion_logits
         with self.precision():
-            return completion_logits(
-                self.model, batch.input_ids_BT.to(device), batch.attention_mask_BT.to(device), batch.completion_len
-            )
+            return forward(self.model, batch.input_ids_BT.to(device), batch.attention_mask_BT.to(device),
+                           batch.completion_len)
 
-    @torch.no_grad()
-    def score_cross(self, batch: SequenceBatch) -> tuple[torch.Tensor, torch.Tensor, list[Any]]:
-        """For a teacher with its own tokenizer: its logits ``[B, C_T, V_T]`` on the re-tokenised
-        completions, those token ids ``[B, C_T]``, and the per-sequence alignments."""
-        from opd.cross_tokenizer import teacher_view
-
-        lengths = batch.completion_mask_BC.sum(-1).long().tolist()
-        prompts = [row[batch.attention_mask_BT[i, : batch.prompt_len].bool()].tolist()
-                   for i, row in enumerate(batch.input_ids_BT[:, : batch.prompt_len])]
-        completions = [batch.completion_ids_BC[i, :n].tolist() for i, n in enumerate(lengths)]
-        view = teacher_view(self.student_tokenizer, self.tokenizer, prompts, completions)
-        device = next(self.model.parameters()).device
-        with self.precision():
-            logits = completion_logits(self.model, view.input_ids_BT.to(device), view.attention_mask_BT.to(device),
-                                       view.completion_len)
-        return logits, view.input_ids_BT[:, -view.completion_len :], view.alignments
+    def score(self, batch: SequenceBatch) -> TeacherSignal:
+        return TeacherSignal(logits_BCV=self.logits(batch))
 
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[list[int]]:
         """Teacher samples as student token ids (re-tokenised through text for a text-only teacher)."""
@@ -177,12 +213,50 @@ class LocalTeacher:
                 + [student_tok.eos_token_id] for text in answers]
 
 
+class CrossTokenizerTeacher(LocalTeacher):
+    """A white-box teacher with its own tokenizer (ULD, arXiv 2402.12030; GOLD): it scores its own
+    re-tokenisation of each completion, aligned with the student's tokens by byte spans
+    (:mod:`opd.cross_tokenizer`)."""
+
+    def __init__(self, model: torch.nn.Module, tokenizer: Any, name: str = "teacher",
+                 student_tokenizer: Any | None = None) -> None:
+        super().__init__(model, tokenizer, name, student_tokenizer)
+        if tokenizer.eos_token_id is None:
+            raise ModelError(f"the teacher tokenizer of {name} has no EOS token, which cross-tokenizer "
+                             "alignment pairs with the student's")
+        self.matched: tuple[torch.Tensor, torch.Tensor] | None = None  # set with_matched_vocabulary
+
+    def with_matched_vocabulary(self) -> CrossTokenizerTeacher:
+        """Also hand over the ids of the token strings both vocabularies share (GOLD's hybrid)."""
+        from opd.cross_tokenizer import matched_vocab
+
+        self.matched = matched_vocab(self.student_tokenizer, self.tokenizer)
+        return self
+
+    @torch.no_grad()
+    def score(self, batch: SequenceBatch) -> TeacherSignal:
+        """Its logits ``[B, C_T, V_T]`` on the re-tokenised completions, those ids and the alignments."""
+        from opd.cross_tokenizer import teacher_view
+
+        lengths = batch.completion_mask_BC.sum(-1).long().tolist()
+        prompts = [row[batch.attention_mask_BT[i, : batch.prompt_len].bool()].tolist()
+                   for i, row in enumerate(batch.input_ids_BT[:, : batch.prompt_len])]
+        completions = [batch.completion_ids_BC[i, :n].tolist() for i, n in enumerate(lengths)]
+        view = teacher_view(self.student_tokenizer, self.tokenizer, prompts, completions)
+        device = next(self.model.parameters()).device
+        with self.precision():
+            logits = completion_logits(self.model, view.input_ids_BT.to(device), view.attention_mask_BT.to(device),
+                                       view.completion_len)
+        return TeacherSignal(cross=CrossTokenizerView(logits, view.input_ids_BT[:, -view.completion_len :],
+                                                      view.alignments, len(self.tokenizer), self.matched))
+
+
 def template_fields(template: str) -> list[str]:
     """The ``{field}`` names a privileged-context template uses."""
     return [name for _, name, _, _ in string.Formatter().parse(template) if name]
 
 
-class SelfTeacher:
+class SelfTeacher(Teacher, Hooks):
     """The student itself, shown privileged context the student does not see.
 
     OPSD (arXiv 2601.18734) and SDFT (arXiv 2601.19897): the teacher is the same network
@@ -193,8 +267,6 @@ class SelfTeacher:
     student (``live``), a frozen copy of the initial student (``frozen``), or an exponential
     moving average of the student (``ema``, updated after every optimizer step).
     """
-
-    kind = "self"
 
     def __init__(self, student: torch.nn.Module, tokenizer: Any, cfg: TeacherConfig) -> None:
         self.tokenizer = tokenizer
@@ -211,6 +283,7 @@ class SelfTeacher:
             self.model = copy.deepcopy(student)
             self.model.eval()
             self.model.requires_grad_(False)
+        self.flops_per_token = 2.0 * sum(p.numel() for p in self.model.parameters())
 
     def _values(self, example: Example) -> dict[str, Any]:
         values = {**example.extra, "prompt": example.prompt, "answer": example.answer}
@@ -238,7 +311,7 @@ class SelfTeacher:
             self._values(example)
 
     @torch.no_grad()
-    def score(self, batch: SequenceBatch) -> torch.Tensor:
+    def score(self, batch: SequenceBatch) -> TeacherSignal:
         """Teacher logits ``[B, C, V]`` on the student's completions, behind the privileged prompts."""
         if batch.examples is None:
             raise DataError("the self-teacher needs the examples behind the batch")
@@ -257,30 +330,29 @@ class SelfTeacher:
         if logits.shape[1] < batch.completion_len:  # every row ended early: pad to the student's width
             pad = logits.new_zeros(logits.shape[0], batch.completion_len - logits.shape[1], logits.shape[2])
             logits = torch.cat([logits, pad], dim=1)
-        return logits
+        return TeacherSignal(logits_BCV=logits)
 
     @torch.no_grad()
-    def after_step(self) -> None:
+    def after_step(self, step: int = 0, stepped: bool = True) -> dict[str, float]:
         """EMA update ``theta_T <- d theta_T + (1 - d) theta_S`` after an optimizer step."""
-        if self.weights != "ema":
-            return
-        for ema_param, param in zip(self.model.parameters(), self.live.parameters()):
-            ema_param.lerp_(param.detach().to(ema_param.dtype), 1.0 - self.ema_decay)
+        if self.weights == "ema" and stepped:
+            for ema_param, param in zip(self.model.parameters(), self.live.parameters()):
+                ema_param.lerp_(param.detach().to(ema_param.dtype), 1.0 - self.ema_decay)
+        return {}
 
-    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[list[int]]:
-        raise DataError("the self-teacher only scores student rollouts; it does not write off-policy answers")
-
-
-class TeacherServerError(ModelError):
-    """The teacher server could not be reached or kept answering wrongly."""
+    def state_dict(self) -> dict[str, Any]:
+        # The EMA weights are training state; frozen and live weights are not.
+        return {"teacher_ema": self.model} if self.weights == "ema" else {}
 
 
-class _BadResponse(Exception):
-    """A response that arrived but cannot be trusted (truncated, not JSON, wrong shape)."""
+TeacherServerError = ServerError  # the teacher server(s) could not be reached or kept answering wrongly
+_BadResponse = BadResponse
 
 
-class ServedTeacher:
-    """A teacher behind an OpenAI-compatible completions server (vLLM, ``opd serve-teacher``).
+class ServedTeacher(Teacher):
+    """A teacher behind an OpenAI-compatible completions server (vLLM, ``opd serve-teacher``), or a pool
+    of them (``teacher.url`` a list: requests go to the least busy healthy server, see
+    :class:`opd.serverpool.ServerPool`).
 
     Sequences go out as token ids (no re-tokenisation drift) with ``prompt_logprobs: k``; the
     answer gives, per completion token, its log-prob and the teacher's top-k. Requests carry
@@ -292,21 +364,19 @@ class ServedTeacher:
     variable named by ``teacher.api_key_env`` and never logged or saved.
     """
 
-    kind = "served"
-
     def __init__(self, cfg: TeacherConfig, student_tokenizer: Any, *, temperature: float = 1.0) -> None:
         import os
-        import random
 
         if not cfg.url:
             raise ModelError("teacher.kind=served needs teacher.url (e.g. http://127.0.0.1:8000)")
-        self.url = cfg.url.rstrip("/")
+        self.pool = ServerPool(cfg.url, what="teacher server",
+                               api_key=os.environ.get(cfg.api_key_env) if cfg.api_key_env else None,
+                               timeout_s=cfg.timeout_s, max_retries=cfg.max_retries, backoff_s=cfg.backoff_s,
+                               cooldown_s=cfg.server_cooldown_s, hint="raise teacher.max_retries / timeout_s")
+        self.url = self.pool.url
         self.model_name = cfg.served_model or cfg.model or "default"
-        self.name = f"{self.model_name} at {self.url}"
+        self.name = f"{self.model_name} at {', '.join(self.pool.urls)}"
         self.top_k = cfg.top_k or 0
-        self.timeout = cfg.timeout_s
-        self.max_retries = cfg.max_retries
-        self.backoff = cfg.backoff_s
         self.concurrency = cfg.concurrency
         self.request_batch = cfg.request_batch
         self.tokenizer = student_tokenizer
@@ -317,73 +387,19 @@ class ServedTeacher:
         if cfg.tokenizer:
             self.teacher_tokenizer = load_tokenizer(cfg.tokenizer, trust_remote_code=cfg.trust_remote_code)
             check_same_tokenizer(student_tokenizer, self.teacher_tokenizer)
-        self._api_key = os.environ.get(cfg.api_key_env) if cfg.api_key_env else None
-        self._jitter = random.Random(0)  # private: never touches the checkpointed global RNG
-        self.stats = {"requests": 0.0, "retries": 0.0, "timeouts": 0.0, "http_errors": 0.0,
-                      "connection_errors": 0.0, "bad_responses": 0.0}
-        self._lock = threading.Lock()
+
+    @property
+    def stats(self) -> dict[str, float]:
+        return self.pool.stats
 
     # -- transport -------------------------------------------------------------------------------
     def _request(self, body: dict[str, Any], check: Any) -> Any:
-        """POST ``body`` and return ``check(answer)``; transport errors, HTTP 429/5xx and answers
-        that fail ``check`` (raising _BadResponse) are retried with exponential backoff."""
-        import http.client
-        import json
-        import time
-        import urllib.error
-        import urllib.request
-
-        payload = json.dumps(body).encode()
-        headers = {"Content-Type": "application/json"}
-        if self._api_key:
-            headers["Authorization"] = f"Bearer {self._api_key}"
-        last = "no attempt"
-        for attempt in range(self.max_retries + 1):
-            if attempt:
-                with self._lock:
-                    self.stats["retries"] += 1
-                    delay = self.backoff * 2 ** (attempt - 1) * (0.75 + 0.5 * self._jitter.random())
-                time.sleep(delay)
-            with self._lock:
-                self.stats["requests"] += 1
-            request = urllib.request.Request(f"{self.url}/v1/completions", data=payload, headers=headers)
-            try:
-                with urllib.request.urlopen(request, timeout=self.timeout) as response:
-                    raw = response.read()
-                try:
-                    answer = json.loads(raw)
-                except ValueError:
-                    raise _BadResponse(f"invalid JSON ({len(raw)} bytes)") from None
-                return check(answer)
-            except urllib.error.HTTPError as exc:
-                if exc.code in (429, 500, 502, 503, 504):
-                    kind, last = "http_errors", f"HTTP {exc.code}"
-                else:
-                    detail = exc.read()[:200].decode(errors="replace")
-                    raise TeacherServerError(f"teacher server {self.url} rejected the request: HTTP {exc.code} "
-                                             f"{detail.strip()}") from None
-            except TimeoutError:
-                kind, last = "timeouts", f"no answer within {self.timeout:g}s"
-            except (urllib.error.URLError, http.client.HTTPException, ConnectionError, OSError) as exc:
-                reason = getattr(exc, "reason", exc)
-                if isinstance(reason, TimeoutError):
-                    kind, last = "timeouts", f"no answer within {self.timeout:g}s"
-                else:
-                    kind, last = "connection_errors", f"{type(exc).__name__}: {reason}"
-            except _BadResponse as exc:
-                kind, last = "bad_responses", str(exc)
-            with self._lock:
-                self.stats[kind] += 1
-        raise TeacherServerError(f"teacher server {self.url} failed {self.max_retries + 1} times in a row "
-                                 f"(last: {last}); check the server or raise teacher.max_retries / timeout_s")
+        """POST ``body`` to a server of the pool and return ``check(answer)``; transport errors, HTTP
+        429/5xx and answers that fail ``check`` (raising BadResponse) are retried (:class:`ServerPool`)."""
+        return self.pool.post("/v1/completions", body, check)
 
     def _map(self, fn: Any, chunks: list[Any]) -> list[Any]:
-        if self.concurrency <= 1 or len(chunks) <= 1:
-            return [fn(c) for c in chunks]
-        from concurrent.futures import ThreadPoolExecutor
-
-        with ThreadPoolExecutor(max_workers=self.concurrency) as pool:
-            return list(pool.map(fn, chunks))
+        return self.pool.map(fn, chunks, self.concurrency)
 
     # -- scoring ---------------------------------------------------------------------------------
     def _score_chunk(self, sequences: list[tuple[list[int], int]]) -> list[tuple[list[float], list[list[int]],
@@ -419,10 +435,8 @@ class ServedTeacher:
 
         return self._request(body, check)
 
-    def score_signal(self, batch: SequenceBatch) -> Any:
-        """The teacher's log-probs of the batch's completion tokens (and top-k), as a TeacherSignal."""
-        from opd.cache import TeacherSignal
-
+    def score(self, batch: SequenceBatch) -> TeacherSignal:
+        """The teacher's log-probs of the batch's completion tokens (and top-k)."""
         lengths = batch.completion_mask_BC.sum(-1).long().tolist()
         own = own_template_prompts(batch, self.teacher_tokenizer, self.chat_template) \
             if self.teacher_tokenizer is not None else None
@@ -448,10 +462,8 @@ class ServedTeacher:
                 if self.top_k:
                     top_ids[i, :n] = torch.tensor(ids)
                     top_lp[i, :n] = torch.tensor(tops)
-        return TeacherSignal(token_lp, top_lp if self.top_k else None, top_ids if self.top_k else None)
-
-    def score(self, batch: SequenceBatch) -> Any:
-        return self.score_signal(batch)
+        return TeacherSignal(token_logprobs_BC=token_lp, topk_logprobs_BCK=top_lp if self.top_k else None,
+                             topk_ids_BCK=top_ids if self.top_k else None)
 
     # -- generation (SeqKD, GAD's teacher text) -----------------------------------------------------
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[list[int]]:
@@ -485,8 +497,106 @@ class ServedTeacher:
         return [ids for chunk in self._map(run, chunks) for ids in chunk]
 
     def pop_stats(self) -> dict[str, float]:
-        with self._lock:
-            out = {f"teacher/{k}": v for k, v in self.stats.items()}
-            for key in self.stats:
-                self.stats[key] = 0.0
-        return out
+        return self.pool.pop_stats("teacher")
+
+
+def pop_teacher_stats(teachers: dict[str, Teacher]) -> dict[str, float]:
+    """Every teacher's counters since the last call, ``teacher/NAME/...`` for named (routed) ones."""
+    out: dict[str, float] = {}
+    for name, teacher in teachers.items():
+        for key, value in teacher.pop_stats().items():
+            out[key.replace("teacher/", f"teacher/{name}/", 1) if name else key] = value
+    return out
+
+
+class RoutedTeacher(Teacher):
+    """Several teachers, each row scored by the one its data names (MiMo's multi-teacher OPD, MOPD).
+
+    Rows whose ``field`` is missing go to ``default``. Every row group is scored by its teacher,
+    cut down to the form the objective reads (``form``: ``logits``, ``topk`` or
+    ``token_logprobs``, see :meth:`TeacherSignal.restricted`), and the groups are merged back
+    into one signal in batch order, so routing is one loss over the whole batch. ``route_B`` names
+    each row's teacher; the objectives turn it into per-teacher token counts and signal sums.
+    """
+
+    def __init__(self, default: Teacher, named: dict[str, Teacher], field: str, form: str, **restrict: Any) -> None:
+        self.default = default
+        self.named = named
+        self.field = field
+        self.form = form
+        self.restrict = restrict  # k, temperature, vocab_size, chunk_size of the restriction
+        self.name = f"routed ({', '.join(named)})"
+        self.flops_per_token = default.flops_per_token  # an estimate: all rows at the default's cost
+
+    def route_of(self, example: Example) -> str:
+        return str(example.extra.get(self.field) or "default")
+
+    def score(self, batch: SequenceBatch) -> TeacherSignal:
+        if batch.examples is None:
+            raise DataError("routing needs the examples behind the batch")
+        groups: dict[str, list[int]] = {}
+        for row, example in enumerate(batch.examples):
+            groups.setdefault(self.route_of(example), []).append(row)
+        parts = []
+        for route, rows in groups.items():
+            sub = batch.select(rows)
+            signal = self.named.get(route, self.default).score(sub)
+            restricted = signal.restricted(self.form, sub.completion_ids_BC, sub.completion_mask_BC, **self.restrict)
+            restricted.route_B = [route] * len(rows)
+            parts.append((rows, restricted))
+        return merge_rows(parts, len(batch.examples))
+
+
+
+class WithSignals(Teacher):
+    """A teacher plus further signal sources filling other fields of its signal (a frozen
+    reference policy, a verifier's or discriminator's sequence rewards)."""
+
+    def __init__(self, teacher: Teacher, sources: list[Any]) -> None:
+        self.teacher = teacher
+        self.sources = sources  # objects with add(batch, signal)
+        self.name = teacher.name
+        self.flops_per_token = teacher.flops_per_token
+        self.scores_tokens = teacher.scores_tokens
+
+    def score(self, batch: SequenceBatch) -> TeacherSignal:
+        signal = self.teacher.score(batch)
+        for source in self.sources:
+            source.add(batch, signal)
+        return signal
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[list[int]]:
+        return self.teacher.generate(prompts, params)
+
+
+class ReferencePolicy:
+    """G-OPD / ExOPD's frozen reference policy p_ref (arXiv 2602.12125): the student's initial
+    weights, scored like a local teacher into ``signal.reference``."""
+
+    def __init__(self, reference: LocalTeacher) -> None:
+        self.reference = reference
+
+    def add(self, batch: SequenceBatch, signal: TeacherSignal) -> None:
+        signal.reference = self.reference.score(batch)
+
+
+class VerifierReward:
+    """An outcome reward per sequence (KDRL, arXiv 2506.02208): the verifier's score of the decoded
+    completion against the row's reference answer, into ``signal.rewards_B``."""
+
+    def __init__(self, verifier: Callable[..., Any], tokenizer: Any) -> None:
+        self.verifier = verifier
+        self.tokenizer = tokenizer
+
+    def add(self, batch: SequenceBatch, signal: TeacherSignal) -> None:
+        from opd.verifiers import batch_rewards
+
+        if batch.examples is None:
+            raise DataError("a verifier needs the examples behind the batch")
+        lengths = batch.completion_mask_BC.sum(-1).long().tolist()
+        texts = self.tokenizer.batch_decode([batch.completion_ids_BC[i, :n].tolist() for i, n in enumerate(lengths)],
+                                            skip_special_tokens=True)
+        signal.rewards_B = torch.tensor(
+            batch_rewards(self.verifier, [e.prompt for e in batch.examples], texts, [e.answer for e in batch.examples]),
+            dtype=torch.float32,
+        )

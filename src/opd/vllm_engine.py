@@ -96,6 +96,7 @@ from typing import Any
 import torch
 
 from opd.errors import DataError, ModelError
+from opd.hooks import Hooks
 from opd.rollout import SamplingParams, truncate_at_eos
 
 INSTALL_HINT = "pip install 'opd[vllm]'"
@@ -488,6 +489,59 @@ class VLLMEngine:
 # -- OpenAI-compatible server ------------------------------------------------------------------------------
 
 
+class VLLMSampler(Hooks):
+    """``rollout.engine=vllm``: the student's on-policy samples come from an in-process
+    :class:`VLLMEngine`, started once the student's weights are final for the first step (after a
+    resume), and given the student's weights every ``sync_every`` optimizer steps."""
+
+    def __init__(self, model_dir: str, *, student: Any, dtype: str, seed: int, kv_cache_gb: float,
+                 max_model_len: int, tokenizer: str | None, sync_every: int, processes: int, log: Any = None) -> None:
+        if processes > 1:
+            raise ModelError("rollout.engine=vllm runs in-process on a single process; use the hf engine (or a "
+                             "served teacher) under torchrun / accelerate launch")
+        self.model_dir = model_dir
+        self.student = student  # the module whose weights are pushed (unwrapped)
+        self.dtype = dtype
+        self.seed = seed
+        self.kv_cache_gb = kv_cache_gb
+        self.max_model_len = max_model_len
+        self.tokenizer = tokenizer
+        self.sync_every = sync_every
+        self.log = log
+        self.engine: VLLMEngine | None = None
+        self.last_sync_s = 0.0
+
+    def start(self, student: Any = None) -> None:
+        started = time.perf_counter()
+        self.engine = VLLMEngine.from_model_dir(self.model_dir, dtype=self.dtype, seed=self.seed,
+                                                kv_cache_gb=self.kv_cache_gb, max_model_len=self.max_model_len,
+                                                tokenizer=self.tokenizer)
+        self.engine.update_weights(self.student)  # after any checkpoint restore (and LoRA wrapping)
+        if self.log is not None:
+            self.log(f"vllm engine ({self.dtype}) ready in {time.perf_counter() - started:.1f}s; weights pushed "
+                     f"every {self.sync_every} step(s)")
+
+    def sample(self, student: torch.nn.Module, prompts: list[list[int]], params: SamplingParams,
+               generator: torch.Generator | None = None) -> tuple[list[list[int]], list[list[float]], dict[str, float]]:
+        if generator is not None:
+            raise DataError("the in-process vLLM engine samples in step with training; use "
+                            "rollout.engine=vllm_server for asynchronous rollouts")
+        if self.engine is None:
+            raise RuntimeError("the vLLM engine was not started")
+        outs, lps = self.engine.generate(prompts, params)
+        return outs, lps, {}
+
+    def after_step(self, step: int, stepped: bool) -> dict[str, float]:
+        if self.engine is not None and step % self.sync_every == 0:
+            self.last_sync_s = self.engine.update_weights(self.student)
+        return {"perf/weight_sync_s": self.last_sync_s}  # the latest push's cost, logged every step
+
+    def close(self) -> None:
+        if self.engine is not None:
+            self.engine.shutdown()
+            self.engine = None
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
@@ -511,8 +565,12 @@ def start_vllm_server(
     dtype: str = "float32",
     kv_cache_gb: int = 1,
     log_path: str | os.PathLike[str] | None = None,
+    cpus: str | None = None,
 ) -> tuple[subprocess.Popen, str]:
     """Launch vLLM's OpenAI server on 127.0.0.1 for ``model_dir`` and wait until ``/health`` answers.
+
+    ``cpus`` (e.g. ``"0"``) pins the whole server (API server, engine core, worker) to those CPUs with
+    ``taskset`` and binds vLLM's OpenMP threads there too, leaving the others to the trainer.
 
     The server runs in its own process group (stop it with :func:`stop_vllm_server`), with the
     current interpreter, eager mode, ``--generation-config vllm`` (requests are not filled in
@@ -534,7 +592,10 @@ def start_vllm_server(
     env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)  # an in-process engine here must not leak its mode
     env.update({"VLLM_CPU_KVCACHE_SPACE": str(int(kv_cache_gb)), "VLLM_SERVER_DEV_MODE": "1",
                 "TOKENIZERS_PARALLELISM": "false"})
-    command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--host", "127.0.0.1",
+    if cpus:
+        env["VLLM_CPU_OMP_THREADS_BIND"] = cpus
+    command = ["taskset", "-c", cpus] if cpus else []
+    command += [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--host", "127.0.0.1",
                "--port", str(port), "--model", model_dir, "--dtype", dtype, "--enforce-eager",
                "--generation-config", "vllm", *extra_args]
     own_log = log_path is None

@@ -454,7 +454,7 @@ def _calibrate_step(student: torch.nn.Module, teacher: Any, tokenizer: Any, exam
     # Full-length completions: the worst case of the step.
     outs = [(o + [tokenizer.eos_token_id] * settings["max_new_tokens"])[: settings["max_new_tokens"]] for o in outs]
     batch = build_batch([e.prompt_ids for e in batch_examples], outs, tokenizer.pad_token_id)
-    teacher_logits = teacher.score(batch)
+    teacher_logits = teacher.score(batch).require_logits("the trial step")
     with torch.enable_grad():
         logits = completion_logits(student, batch.input_ids_BT, batch.attention_mask_BT, batch.completion_len)
         divergences.per_token("reverse_kl", logits, teacher_logits, batch.completion_mask_BC.bool()).sum().backward()
