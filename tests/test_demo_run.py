@@ -17,7 +17,8 @@ METHODS = ("teacher", "student_base", "off_policy", "on_policy", "mixed", "off_t
 
 def test_demo_quick_runs_and_writes_json_and_plot(tmp_path, capsys):
     out_json = tmp_path / "demo.json"
-    code = main(["demo", "--quick", "--steps", "2", "--out", str(tmp_path / "runs"), "--json", str(out_json),
+    code = main(["demo", "--quick", "--schedule", "--steps", "2", "--out", str(tmp_path / "runs"),
+                 "--json", str(out_json),
                  "--threads", "1", "--jobs", "1"])
     assert code == 0
     doc = json.loads(out_json.read_text())

@@ -87,6 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
     p_demo.add_argument("--task", choices=("both", "headline", "control"), default="both",
                         help="run one task only (default: both)")
     p_demo.add_argument("--quick", action="store_true", help="a small version (1 seed, 20 steps)")
+    p_demo.add_argument("--schedule", action="store_true",
+                        help="also the off-to-on-policy lambda schedule (recipe off_to_on_policy; about 40%% longer)")
     p_demo.add_argument("--out", type=Path, help="where runs, results.json and demo.png are written "
                         "(default: runs/demo-DATE-TIME)")
     p_demo.add_argument("--json", type=Path, help="write the per-seed results as JSON")
@@ -233,8 +235,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         from opd.demo.real import run_real_demo
         from opd.errors import OpdError
 
-        if args.seeds is not None or args.quick or args.task != "both":
-            raise OpdError("--seeds, --quick and --task belong to the synthetic demo, not --real")
+        if args.seeds is not None or args.quick or args.task != "both" or args.schedule:
+            raise OpdError("--seeds, --quick, --task and --schedule belong to the synthetic demo, not --real")
         out = args.out or Path("runs") / time.strftime("real-demo-%Y%m%d-%H%M%S")
         run_real_demo(out, minutes_budget=args.minutes, threads=args.threads or 2, steps=args.steps,
                       json_path=args.json)
@@ -244,7 +246,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     out = args.out or Path("runs") / time.strftime("demo-%Y%m%d-%H%M%S")
     tasks = ("headline", "control") if args.task == "both" else (args.task,)
     run_demo(out_dir=out, steps=args.steps, seeds=args.seeds, quick=args.quick, json_path=args.json,
-             threads=args.threads or 1, jobs=args.jobs, tasks=tasks)
+             threads=args.threads or 1, jobs=args.jobs, tasks=tasks, schedule=args.schedule)
     return 0
 
 

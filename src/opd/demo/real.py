@@ -652,7 +652,8 @@ def _row_line(name: str, row: dict[str, Any], seconds: float | None) -> str:
     spent = f" (eval {seconds:.0f}s)" if seconds is not None else ""
     return (f"{name}: score {_fmt(row['score_greedy'], 100)}% greedy / {_fmt(row['score_sampled'], 100)}% sampled, "
             f"RKL on own samples {_fmt(row['rkl_own_samples'], 1, '.3f')}, FKL on teacher answers "
-            f"{_fmt(row['fkl_teacher_answers'], 1, '.3f')}, length {row['length_greedy']:.1f}/{row['length_sampled']:.1f}"
+            f"{_fmt(row['fkl_teacher_answers'], 1, '.3f')}, "
+            f"length {row['length_greedy']:.1f}/{row['length_sampled']:.1f}"
             f" words, degenerate {_fmt(row['degenerate_greedy'], 100, '.0f')}%/"
             f"{_fmt(row['degenerate_sampled'], 100, '.0f')}%{spent}")
 
@@ -671,9 +672,11 @@ def _table(results: dict[str, Any]) -> str:
                      f"{_fmt(row['score_greedy'], 100):>15}{_fmt(row['score_sampled'], 100):>12}"
                      f"{_fmt(row['rkl_own_samples'], 1, '.3f'):>9}{_fmt(row['fkl_teacher_answers'], 1, '.3f'):>12}"
                      f"{row['length_greedy']:>6.1f}/{row['length_sampled']:<6.1f}"
-                     f"{_fmt(row['degenerate_greedy'], 100, '.0f'):>8}/{_fmt(row['degenerate_sampled'], 100, '.0f'):<6}")
+                     f"{_fmt(row['degenerate_greedy'], 100, '.0f'):>8}/"
+                     f"{_fmt(row['degenerate_sampled'], 100, '.0f'):<6}")
     lines.append("(held-out prompts; score = opd.demo.real:score on greedy and temperature-1 answers; RKL own = mean "
-                 "per-token KL(student || teacher) on the student's temperature-1 samples; FKL teacher = mean per-token "
+                 "per-token KL(student || teacher) on the student's temperature-1 samples; "
+                 "FKL teacher = mean per-token "
                  "KL(teacher || student) on the teacher's greedy answers; words = mean answer length; degen = answers "
                  "with a word 2-gram 3+ times, a word of one repeated piece, or empty)")
     return "\n".join(lines)
@@ -695,7 +698,8 @@ def real_verdict(results: dict[str, Any]) -> str:
             (f"no more degenerate answers (greedy {100 * row['degenerate_greedy']:.0f}% vs "
              f"{100 * ref['degenerate_greedy']:.0f}%, sampled {100 * row['degenerate_sampled']:.0f}% vs "
              f"{100 * ref['degenerate_sampled']:.0f}%)",
-             row["degenerate_greedy"] <= ref["degenerate_greedy"] and row["degenerate_sampled"] <= ref["degenerate_sampled"]),
+             row["degenerate_greedy"] <= ref["degenerate_greedy"]
+             and row["degenerate_sampled"] <= ref["degenerate_sampled"]),
             (f"lower divergence on its own samples ({row['rkl_own_samples']:.3f} vs {ref['rkl_own_samples']:.3f})",
              row["rkl_own_samples"] < ref["rkl_own_samples"]),
         ]
