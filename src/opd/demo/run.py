@@ -151,7 +151,7 @@ TASKS: dict[str, DemoTask] = {
         is_correct=demo_is_correct, first_error=demo_first_error,
         token_correct=control_token_correct, degenerate=control_wrong_length,
         steps=200, batch_size=32, n_eval=128,
-        lr={"off_policy": 4e-3, "on_policy": 1e-3, "mixed": 4e-3, "off_to_on": 4e-3},
+        lr={"off_policy": 4e-3, "on_policy": 5e-4, "mixed": 1e-3, "off_to_on": 4e-3},
     ),
 }
 
