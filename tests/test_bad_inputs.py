@@ -190,3 +190,54 @@ def test_safe_by_default():
                 kwargs = {k.arg: k.value for k in node.keywords}
                 assert "weights_only" in kwargs and kwargs["weights_only"].value is True, f"{path}:{node.lineno}"
             assert not (isinstance(node, ast.Name) and node.id == "pickle"), f"{path} uses pickle"
+
+
+def test_an_emptied_or_partial_checksum_manifest_fails_verification(tiny_setup, tmp_path, capsys):
+    """Issue 19.7: `checksums.json` replaced by `{}` turned verification off and tampered weights loaded.
+    The manifest must now list every file the checkpoint holds."""
+    import torch
+    from safetensors.torch import load_file
+
+    out = tmp_path / "tampered"
+    args = ["train", "on_policy_rkl", *base_overrides(tiny_setup, out, **{
+        "train.steps": 2, "train.save_every": 1, "data.eval": "null"})]
+    assert main(args) == 0
+    reference = load_file(str(out / "final" / "model.safetensors"))
+    newest, previous = ckpt.list_checkpoints(out)[-1], ckpt.list_checkpoints(out)[0]
+    (newest / "model.safetensors").write_bytes(b"tampered")
+    (newest / "checksums.json").write_text("{}")
+    with pytest.raises(ckpt.RunDirError, match="does not list state.json"):
+        ckpt.verify_checksums(newest)
+    # a manifest that leaves out the tampered file (and only it) fails too
+    sums = json.loads((previous / "checksums.json").read_text())
+    del sums["optimizer.pt"]
+    (previous / "checksums.json").write_text(json.dumps(sums))
+    (previous / "optimizer.pt").write_bytes(b"tampered")
+    with pytest.raises(ckpt.RunDirError, match="optimizer.pt is not in checksums.json"):
+        ckpt.verify_checksums(previous)
+    # resume refuses both instead of loading them: one line, nothing loaded, final/ unchanged
+    with pytest.warns(UserWarning, match="trying the previous checkpoint"):
+        _check(*_cli(capsys, [*args, "--resume"]), "failed its checksum")
+    after = load_file(str(out / "final" / "model.safetensors"))
+    assert all(torch.equal(reference[k], after[k]) for k in reference)
+
+
+def test_a_sharded_checkpoints_manifest_must_cover_every_shard(tmp_path):
+    """The same for a DCP checkpoint (train.distributed=fsdp): shards live in student/, hashed recursively."""
+    import torch
+    import torch.distributed.checkpoint as dcp
+
+    folder = tmp_path / "step-00000001"
+    with pytest.warns(UserWarning):  # DCP without a process group saves as one process, with a warning
+        dcp.save({"w": torch.arange(6.0)}, checkpoint_id=str(folder / "student"))
+    (folder / "state.json").write_text('{"step": 1}')
+    ckpt.write_checksums(folder)
+    ckpt.verify_checksums(folder)
+    full = json.loads((folder / "checksums.json").read_text())
+    shard = next(name for name in full if name.startswith("student/") and name.endswith(".distcp"))
+    for manifest, needle in (({k: v for k, v in full.items() if k != shard}, f"{shard} is not in"),
+                             ({}, "does not list state.json"), ([], "is not a mapping"),
+                             ({**full, "../outside": full["state.json"]}, "../outside is missing")):
+        (folder / "checksums.json").write_text(json.dumps(manifest))
+        with pytest.raises(ckpt.RunDirError, match=needle):
+            ckpt.verify_checksums(folder)
