@@ -241,3 +241,20 @@ def test_a_sharded_checkpoints_manifest_must_cover_every_shard(tmp_path):
         (folder / "checksums.json").write_text(json.dumps(manifest))
         with pytest.raises(ckpt.RunDirError, match=needle):
             ckpt.verify_checksums(folder)
+
+
+@pytest.mark.parametrize("steps, needle", [(3, "ended on 2 skipped step(s)"), (1, "gives NaN/inf logits")])
+def test_a_run_that_blows_up_at_the_end_writes_no_final_model(tiny_setup, tmp_path, capsys, steps, needle):
+    """Issue 19.2: at optim.lr=1e30 the first step leaves weights near 1e29 (finite, NaN logits) and the
+    later ones are skipped as NaN; the run exited 0 with that as final/. Now: one line, exit 2, no final/,
+    the last checkpoint kept (a skipped step writes none)."""
+    out = tmp_path / "run"
+    args = ["train", "on_policy_rkl", *base_overrides(tiny_setup, out, **{
+        "train.steps": steps, "optim.lr": "1e30", "train.save_every": 1, "train.keep_checkpoints": 1,
+        "data.eval": "null"})]
+    code, err = _cli(capsys, args)
+    _check(code, err, needle)
+    assert "final/ not written" in err and "step-00000001) is kept" in err
+    assert not (out / "final").exists()
+    assert [p.name for p in ckpt.list_checkpoints(out)] == ["step-00000001"]
+    ckpt.verify_checksums(out / "checkpoints" / "step-00000001")

@@ -477,7 +477,9 @@ class TrainConfig(_Section):
         "GPUs are unaffected.",
     )
     max_nonfinite_steps: Int = Field(
-        5, ge=1, description="Steps with NaN/inf loss or gradient are skipped; stop after this many in a row."
+        5, ge=1, description="Steps with NaN/inf loss or gradient are skipped (and write no checkpoint); stop "
+        "after this many in a row. A run that ends on skipped steps, or whose final weights or logits are not "
+        "finite, writes no final/ and exits with an error (its checkpoints are kept).",
     )
     progress: bool = Field(True, description="Show a progress bar.")
     # --- experiment trackers (issue 18; opd.trackers) -------------------------------------------------
