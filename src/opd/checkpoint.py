@@ -38,7 +38,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, load_model, save_file, save_model
 
-from opd.errors import RunDirError
+from opd.errors import RunDirError, disk_writes
 
 _PREFIX = "step-"
 
@@ -202,24 +202,29 @@ def save_checkpoint(
     root = run_dir / "checkpoints"
     final = root / f"{_PREFIX}{step:08d}"
     tmp = final.parent / f".tmp-{final.name}-writing"
+    # Every writer below fails its own way on a full disk (torch.save: RuntimeError "unexpected pos",
+    # safetensors: SafetensorError, DCP: CheckpointException, text: OSError); all become one DiskFullError,
+    # and the half-written directory is removed so its space is free for the rerun.
+    with disk_writes(final, cleanup=tmp if rank == 0 else None):
+        if rank == 0:
+            root.mkdir(parents=True, exist_ok=True)
+            atomic_dir(final, tag="writing")
+        barrier()
+        rng_tensors, rng_json = _rng_state()
+        save_file(rng_tensors, str(tmp / f"rng-rank{rank}.safetensors"))
+        (tmp / f"rng-rank{rank}.json").write_text(json.dumps(rng_json))
+        parallel.save(tmp, model, optimizer)
+        barrier()
+        if rank == 0:
+            modules, others = _split_states({k: v for hook in hooks for k, v in hook.state_dict().items()})
+            for name, module in modules.items():  # e.g. an EMA self-teacher
+                save_model(module, str(tmp / f"{name}.safetensors"))
+            torch.save(others, tmp / HOOKS_FILE)
+            torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+            (tmp / "state.json").write_text(json.dumps({"step": step, "world": world, **trainer_state}))
+            write_checksums(tmp)
+            commit_dir(tmp, final)
     if rank == 0:
-        root.mkdir(parents=True, exist_ok=True)
-        atomic_dir(final, tag="writing")
-    barrier()
-    rng_tensors, rng_json = _rng_state()
-    save_file(rng_tensors, str(tmp / f"rng-rank{rank}.safetensors"))
-    (tmp / f"rng-rank{rank}.json").write_text(json.dumps(rng_json))
-    parallel.save(tmp, model, optimizer)
-    barrier()
-    if rank == 0:
-        modules, others = _split_states({k: v for hook in hooks for k, v in hook.state_dict().items()})
-        for name, module in modules.items():  # e.g. an EMA self-teacher
-            save_model(module, str(tmp / f"{name}.safetensors"))
-        torch.save(others, tmp / HOOKS_FILE)
-        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-        (tmp / "state.json").write_text(json.dumps({"step": step, "world": world, **trainer_state}))
-        write_checksums(tmp)
-        commit_dir(tmp, final)
         prune(run_dir, keep)
     barrier()
     return final

@@ -8,7 +8,6 @@ Every user error prints one line (``opd: error: ...``) and exits with code 2;
 from __future__ import annotations
 
 import argparse
-import errno
 import json
 import os
 import sys
@@ -308,7 +307,7 @@ def main(argv: list[str] | None = None) -> int:
                                 "report": _cmd_report, "cache-teacher": _cmd_cache_teacher, "doctor": _cmd_doctor,
                                 "serve-teacher": _cmd_serve_teacher}
     debug = getattr(args, "debug", False)
-    from opd.errors import OpdError
+    from opd.errors import OpdError, disk_full, disk_full_message
 
     try:
         return handlers[args.command](args)
@@ -320,22 +319,14 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"opd: error: {_one_line(exc)}", file=sys.stderr)
         return 2
-    except OSError as exc:
-        if debug:
-            raise
-        if exc.errno == errno.ENOSPC:
-            where = f" writing {exc.filename}" if exc.filename else ""
-            print(f"opd: error: disk full{where}; free space and rerun with --resume (committed checkpoints "
-                  "are intact)", file=sys.stderr)
-        else:
-            print(f"opd: error: {type(exc).__name__}: {_one_line(exc)} (rerun with --debug for the traceback)",
-                  file=sys.stderr)
-        return 2
     except Exception as exc:  # anything else still gets one line unless --debug
         if debug:
             raise
-        print(f"opd: error: {type(exc).__name__}: {_one_line(exc)} (rerun with --debug for the traceback)",
-              file=sys.stderr)
+        if disk_full(exc):  # a write outside opd's guarded ones (metrics, trackers, ...)
+            print(f"opd: error: {disk_full_message(getattr(exc, 'filename', None))}", file=sys.stderr)
+        else:
+            print(f"opd: error: {type(exc).__name__}: {_one_line(exc)} (rerun with --debug for the traceback)",
+                  file=sys.stderr)
         return 2
 
 

@@ -39,7 +39,7 @@ from opd import build
 from opd import checkpoint as ckpt
 from opd.build import Run, build_run
 from opd.config import RunConfig, dump_config
-from opd.errors import OpdError, RunDirError
+from opd.errors import OpdError, RunDirError, disk_writes
 from opd.metrics import MetricsLogger
 from opd.parallel import (
     DataParallel,
@@ -135,10 +135,11 @@ def check_run_dir(config: RunConfig, resume: bool) -> Path:
 
 
 def write_run_config(run_dir: Path, config: RunConfig) -> None:
-    run_dir.mkdir(parents=True, exist_ok=True)
     tmp = run_dir / ".config.yaml.tmp"
-    tmp.write_text(dump_config(config))
-    tmp.replace(run_dir / "config.yaml")
+    with disk_writes(run_dir / "config.yaml", cleanup=tmp):
+        run_dir.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(dump_config(config))
+        tmp.replace(run_dir / "config.yaml")
 
 
 def _progress(total: int, initial: int, enabled: bool) -> Any:
@@ -477,15 +478,17 @@ def _export(config: RunConfig, run: Run, parallel: Parallel, model: Any, run_dir
         raise OpdError(f"the trained student {problem or 'is not finite'}; final/ not written, "
                        f"{_last_checkpoint(run_dir)}; lower optim.lr or check the models")
     if final_model is not None:
-        tmp = ckpt.atomic_dir(final_dir)
-        if config.model.lora_r is not None:
-            final_model.save_pretrained(tmp / "adapter", safe_serialization=True)  # the adapter alone
-        final_model = exported
-        if config.train.gradient_checkpointing:
-            final_model.gradient_checkpointing_disable()
-        final_model.save_pretrained(tmp, safe_serialization=True)
-        run.tokenizer.save_pretrained(tmp)
-        ckpt.commit_dir(tmp, final_dir)
+        with disk_writes(final_dir):
+            tmp = ckpt.atomic_dir(final_dir)
+        with disk_writes(final_dir, cleanup=tmp):
+            if config.model.lora_r is not None:
+                final_model.save_pretrained(tmp / "adapter", safe_serialization=True)  # the adapter alone
+            final_model = exported
+            if config.train.gradient_checkpointing:
+                final_model.gradient_checkpointing_disable()
+            final_model.save_pretrained(tmp, safe_serialization=True)
+            run.tokenizer.save_pretrained(tmp)
+            ckpt.commit_dir(tmp, final_dir)
     parallel.accelerator.wait_for_everyone()
     return final_dir
 
