@@ -93,6 +93,12 @@ CASES = [
     ("unknown_teacher_attention_kernel", {"teacher.attn_implementation": "fast"}, "on_policy_rkl",
      "cannot use attn_implementation='fast'"),
     ("unknown_cpu_linear", {"train.cpu_linear": "mkl"}, "on_policy_rkl", "train.cpu_linear"),
+    # issue 19: a non-finite or boolean number, and eval rows that would score 0 without a word
+    ("lr_infinite", {"optim.lr": ".inf"}, "gkd", "optim.lr: Input should be a finite number"),
+    ("steps_boolean", {"train.steps": "true"}, "gkd", "train.steps: must be a number, not true"),
+    ("eval_row_without_answer", lambda t: {"data.eval": _data(t, "eval_noans.jsonl", '{"prompt": "1 2 =", '
+                                                              '"answer": "+ 1"}\n{"prompt": "3 4 ="}\n')},
+     "on_policy_rkl", "eval_noans.jsonl:2: missing reference `answer` (data.eval rows are scored against it"),
 ]
 
 

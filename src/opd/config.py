@@ -141,7 +141,11 @@ class TeacherConfig(_Section):
 
 class DataConfig(_Section):
     train: str = Field(description="Training prompts: .jsonl/.json file, .parquet file, saved dataset dir or hub name.")
-    eval: str | None = Field(None, description="Held-out prompts with reference answers (same formats).")
+    eval: str | None = Field(
+        None, description="Held-out prompts with reference answers (same formats). A row without an answer is "
+        "refused at load (file and line named), since accuracy and first-error positions are measured against it; "
+        "only when eval.scorer and eval.first_error are both module:function may rows leave it out.",
+    )
     split: str = Field("train", description="Split to read when `train`/`eval` is a `datasets` name.")
     prompt_field: str = Field("prompt", description="Field holding a plain-text prompt.")
     messages_field: str = Field(

@@ -144,9 +144,11 @@ def render_prompt(row: dict[str, Any], cfg: DataConfig, tokenizer: Any, where: s
 
 
 def load_examples(
-    source: str, cfg: DataConfig, tokenizer: Any, *, limit: int | None = None, need_answers: bool = False
+    source: str, cfg: DataConfig, tokenizer: Any, *, limit: int | None = None, need_answers: bool = False,
+    why: str = "needed by this recipe",
 ) -> tuple[list[Example], LoadReport]:
-    """Read ``source`` and tokenise every row; raises :class:`DataError` with file and row."""
+    """Read ``source`` and tokenise every row; raises :class:`DataError` with file and row (``why`` says
+    what a missing reference answer is needed for, when ``need_answers``)."""
     rows = _read_rows(source, cfg.split)
     if limit is not None:
         rows = rows[:limit]
@@ -170,7 +172,7 @@ def load_examples(
         if answer is not None and not isinstance(answer, str):
             answer = str(answer)
         if need_answers and not answer:
-            raise DataError(f"{where}: missing reference `{cfg.answer_field}` (needed by this recipe)")
+            raise DataError(f"{where}: missing reference `{cfg.answer_field}` ({why})")
         answer_ids = None
         if answer:
             answer_ids = tokenizer(answer, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
