@@ -365,3 +365,37 @@ def test_other_write_errors_are_not_taken_for_a_full_disk(tmp_path):
     with pytest.raises(RuntimeError, match="unrelated"):
         with disk_writes(tmp_path / "x"):
             raise RuntimeError("unrelated")
+
+
+_STRICT_ROLES = ("{% for message in messages %}\n{% if message['role'] not in ['user', 'assistant', 'system'] %}\n"
+                 "{{ raise_exception('Unknown role: ' + message['role']) }}\n{% endif %}"
+                 "{{ message['role'] + ': ' + message['content'] + '\\n' }}{% endfor %}")
+_ANY_ROLE = "{% for message in messages %}{{ message['role'] + ': ' + message['content'] + '\\n' }}{% endfor %}"
+
+
+@pytest.mark.parametrize("strict", ["student", "teacher"])
+def test_a_chat_template_that_raises_names_the_row_and_the_template(tiny_setup, tmp_path, capsys, strict):
+    """Issue 19.6: `Unknown role: wizard` came with no file or line. Now the data row (file:line) and the
+    template's file and line are named, whether the student's template raises at load or the teacher's
+    own template while scoring."""
+    from transformers import AutoTokenizer
+
+    dirs = {}
+    for name in ("student", "teacher"):
+        dirs[name] = tmp_path / name
+        shutil.copytree(tiny_setup / name, dirs[name])
+        tokenizer = AutoTokenizer.from_pretrained(dirs[name])
+        tokenizer.chat_template = _STRICT_ROLES if name == strict else _ANY_ROLE
+        tokenizer.save_pretrained(dirs[name])
+    data = write_rows(tmp_path / "chat.jsonl", [
+        {"messages": [{"role": "user", "content": "1 2 ="}, {"role": "assistant", "content": "+ 1"}]},
+        {"messages": [{"role": "wizard", "content": "3 4 ="}, {"role": "assistant", "content": "+ 3"}]},
+    ])
+    out = tmp_path / "run"
+    args = ["train", "on_policy_rkl", *base_overrides(tiny_setup, out, **{
+        "model.student": dirs["student"], "teacher.model": dirs["teacher"], "data.train": data,
+        "data.eval": "null", "train.batch_size": 2, "train.steps": 1})]
+    code, err = _cli(capsys, args)
+    whose = "chat template" if strict == "student" else "teacher's chat template"
+    _check(code, err, f"chat.jsonl:2: the {whose} {dirs[strict] / 'chat_template.jinja'} (line 3) failed on this "
+                      "row: Unknown role: wizard")
