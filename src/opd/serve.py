@@ -324,6 +324,8 @@ class CompletionsBackend:
                     torch.manual_seed(first.seed)
                 for start in range(0, len(rows), step):
                     chunk = rows[start : start + step]
+                    if all(job.cancelled.is_set() or time.monotonic() > job.deadline for job, _ in chunk):
+                        continue  # nobody waits for these rows any more
                     from transformers import StoppingCriteriaList
 
                     stop = StoppingCriteriaList([_StopCancelled([job for job, _ in chunk])])
