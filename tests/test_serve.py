@@ -283,3 +283,35 @@ def test_a_non_loopback_host_needs_an_api_key(tiny_setup, capsys, monkeypatch):
     for flag in ("--max-body-bytes", "--max-queue", "--max-batch", "--request-timeout", "--read-timeout",
                  "--idle-timeout", "413", "429"):
         assert flag in helptext
+
+
+def test_a_full_queue_answers_429_and_a_slow_request_503(tiny_setup):
+    """In-process (a real uvicorn server on a thread) with a queue of 2 and a 1 s request timeout."""
+    import threading
+
+    from opd.serve import CompletionsBackend, make_server
+    from opd.serve_limits import ServerLimits
+
+    backend = CompletionsBackend(str(tiny_setup / "teacher"),
+                                 limits=ServerLimits(max_queue=2, max_batch=1, request_timeout_s=1.0))
+    srv = make_server(backend)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    port = srv.server_address[1]
+    slow = {"prompt": [[1, 5, 6]], "n": 64, "max_tokens": 120}  # 64 forwards of 120 steps: many seconds
+    try:
+        with ThreadPoolExecutor(6) as pool:
+            first = pool.submit(request, port, slow)
+            time.sleep(0.2)
+            rest = [pool.submit(request, port, NORMAL) for _ in range(5)]
+            status, answer = first.result()
+            others = [f.result() for f in rest]
+        assert status == 503 and "--request-timeout" in answer["error"]["message"]
+        assert 429 in [s for s, _ in others]
+        busy = next(a for s, a in others if s == 429)
+        assert "--max-queue" in busy["error"]["message"]
+        started = time.monotonic()
+        assert request(port, NORMAL)[0] == 200  # the timed-out rows stopped: the worker is free again
+        assert time.monotonic() - started < 1.0
+    finally:
+        srv.shutdown()
+        srv.server_close()
