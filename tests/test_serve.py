@@ -315,3 +315,20 @@ def test_a_full_queue_answers_429_and_a_slow_request_503(tiny_setup):
     finally:
         srv.shutdown()
         srv.server_close()
+
+
+def test_one_token_requests_sample_from_the_scoring_forward(served):
+    """``max_tokens: 1`` (opd's scoring requests) skips ``generate``: the same greedy token and log-probs as
+    the generate path, and seeded samples that repeat."""
+    _, port = served
+    body = {"prompt": [1, 5, 6, 7], "temperature": 0, "logprobs": 2, "return_token_ids": True}
+    one = request(port, {**body, "max_tokens": 1})[1]["choices"][0]
+    two = request(port, {**body, "max_tokens": 3})[1]["choices"][0]
+    assert one["token_ids"] == two["token_ids"][:1]
+    assert abs(one["logprobs"]["token_logprobs"][0] - two["logprobs"]["token_logprobs"][0]) < 1e-5
+    assert one["logprobs"]["top_logprobs"][0].keys() == two["logprobs"]["top_logprobs"][0].keys()
+    sampled = {"prompt": [1, 5, 6, 7], "max_tokens": 1, "n": 16, "seed": 7, "top_k": 5, "top_p": 0.9,
+               "return_token_ids": True}
+    first, again = (request(port, sampled)[1]["choices"] for _ in range(2))
+    assert [c["token_ids"] for c in first] == [c["token_ids"] for c in again]
+    assert len({c["token_ids"][0] for c in first}) > 1  # really sampled

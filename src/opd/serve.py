@@ -317,6 +317,8 @@ class CompletionsBackend:
         gens: list[list[int]] = [[] for _ in rows]
         first = jobs[0]
         step = self.limits.max_batch
+        if first.max_tokens == 1:
+            return self._run_one_token(jobs, rows)
         if first.max_tokens > 0:
             devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
             with torch.random.fork_rng(devices=devices):
@@ -349,9 +351,52 @@ class CompletionsBackend:
             at += n
         return out
 
-    def _score(self, sequences: list[list[int]], k: int) -> list[dict[str, torch.Tensor]]:
+    def _run_one_token(self, jobs: list[_Job], rows: list[tuple[_Job, list[int]]]) -> list[Any]:
+        """``max_tokens: 1`` (how opd's client scores): the token is sampled from the last position of
+        the scoring forward, so one forward serves both instead of ``generate`` plus a second pass."""
+        first, step = jobs[0], self.limits.max_batch
+        gens: list[list[int]] = [[] for _ in rows]
+        scores: list[dict[str, torch.Tensor] | None] = [None] * len(rows)
+        devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+        with torch.random.fork_rng(devices=devices):
+            if first.seed is not None:
+                torch.manual_seed(first.seed)
+            for start in range(0, len(rows), step):
+                chunk = rows[start : start + step]
+                if all(job.cancelled.is_set() or time.monotonic() > job.deadline for job, _ in chunk):
+                    continue
+                k = max(job.score_k or 0 for job, _ in chunk)
+                for i, score in enumerate(self._score([p for _, p in chunk], k, sample=first.params), start):
+                    gens[i] = [int(score.pop("sampled"))]
+                    scores[i] = score
+                self.batches_run += 1
+                self.sequences_run += len(chunk)
+        out, at = [], 0
+        for job in jobs:
+            n = len(job.prompts)
+            out.append((gens[at : at + n], scores[at : at + n] if job.score_k is not None else None))
+            at += n
+        return out
+
+    def _sample(self, logits_BV: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+        """One token per row as ``generate`` picks it: argmax, or softmax(logits / T) after top-k and
+        top-p filtering (transformers' own warpers, in generate's order)."""
+        if params.greedy:
+            return logits_BV.argmax(-1)
+        from transformers import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+        scores_BV = TemperatureLogitsWarper(params.temperature)(None, logits_BV.float())
+        if params.top_k:
+            scores_BV = TopKLogitsWarper(params.top_k)(None, scores_BV)
+        if params.top_p < 1.0:
+            scores_BV = TopPLogitsWarper(params.top_p)(None, scores_BV)
+        return torch.multinomial(torch.softmax(scores_BV, dim=-1), num_samples=1)[:, 0]
+
+    def _score(self, sequences: list[list[int]], k: int, sample: SamplingParams | None = None,
+               ) -> list[dict[str, torch.Tensor]]:
         """Per sequence, for each position j >= 1: the log-prob of token j and its rank, and the top-k
-        (raw log-probs, temperature 1), from one right-padded forward."""
+        (raw log-probs, temperature 1), from one right-padded forward. With ``sample``, one more token
+        is sampled from the last position (``"sampled"``) and scored as token ``len``."""
         width = max(len(s) for s in sequences)
         ids_BT = torch.full((len(sequences), width), self.pad_id, dtype=torch.long)
         mask_BT = torch.zeros(len(sequences), width, dtype=torch.long)
@@ -359,12 +404,18 @@ class CompletionsBackend:
             ids_BT[i, : len(s)] = torch.tensor(s)
             mask_BT[i, : len(s)] = 1
         out = []
-        if width > 1:
+        if width > 1 or sample is not None:
             ids_BT, mask_BT = ids_BT.to(self.device), mask_BT.to(self.device)
             positions_BT = (mask_BT.cumsum(-1) - 1).clamp(min=0)
             logits_BTV = self.model(input_ids=ids_BT, attention_mask=mask_BT, position_ids=positions_BT).logits
+        if sample is not None:
+            last_B = torch.tensor([len(s) - 1 for s in sequences], device=self.device)
+            rows_B = torch.arange(len(sequences), device=self.device)
+            sampled_B = self._sample(logits_BTV[rows_B, last_B, : self.vocab], sample)
+            ids_BT = torch.cat([ids_BT, torch.full_like(ids_BT[:, :1], self.pad_id)], dim=1)
+            ids_BT[rows_B, last_B + 1] = sampled_B
         for i, s in enumerate(sequences):
-            n = len(s) - 1
+            n = len(s) - 1 + (sample is not None)
             if n == 0:
                 empty = torch.zeros(0)
                 out.append({"logprob": empty, "rank": empty.long(), "top_values": torch.zeros(0, k),
@@ -377,6 +428,8 @@ class CompletionsBackend:
             out.append({"logprob": lp_N.cpu(), "rank": ((lp_NV > lp_N[:, None]).sum(-1) + 1).cpu(),
                         "top_values": top.values.cpu() if top is not None else torch.zeros(n, 0),
                         "top_ids": top.indices.cpu() if top is not None else torch.zeros(n, 0, dtype=torch.long)})
+            if sample is not None:
+                out[-1]["sampled"] = ids_BT[i, len(s)].item()
         return out
 
     # -- answers -------------------------------------------------------------------------------------
