@@ -155,8 +155,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             with lock:
                 results["statuses"][status] = results["statuses"].get(status, 0) + 1
                 results["latency_s"].append(time.monotonic() - started)
-            if status == 429:  # back off a little and retry, as opd's client does
-                time.sleep(0.05)
+            if status == 429:  # back off and retry, as opd's client does (teacher.backoff_s)
+                time.sleep(0.5)
                 with lock:
                     queue.append(i)
 
