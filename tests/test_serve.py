@@ -171,7 +171,8 @@ def test_load_bounded_and_normal_requests_still_answer(served):
 
 def test_a_client_that_goes_away_cancels_its_work(served):
     _, port = served
-    long = json.dumps({"prompt": [[1, 5, 6]] * 4, "n": 16, "max_tokens": 120, "temperature": 1.0}).encode()
+    # greedy from [1, 5, 6] never meets EOS in this model: 64 rows x 120 steps, seconds of work
+    long = json.dumps({"prompt": [[1, 5, 6]] * 4, "n": 16, "max_tokens": 120, "temperature": 0}).encode()
     before = health(port)["requests_cancelled"]
     s = socket.create_connection(("127.0.0.1", port))
     s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
@@ -297,7 +298,8 @@ def test_a_full_queue_answers_429_and_a_slow_request_503(tiny_setup):
     srv = make_server(backend)
     threading.Thread(target=srv.serve_forever, daemon=True).start()
     port = srv.server_address[1]
-    slow = {"prompt": [[1, 5, 6]], "n": 64, "max_tokens": 120}  # 64 forwards of 120 steps: many seconds
+    # greedy from [1, 5, 6] never meets EOS in this model: 64 generations of 120 steps, many seconds
+    slow = {"prompt": [[1, 5, 6]], "n": 64, "max_tokens": 120, "temperature": 0}
     try:
         with ThreadPoolExecutor(6) as pool:
             first = pool.submit(request, port, slow)
