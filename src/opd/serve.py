@@ -151,6 +151,10 @@ class _Job:
             pass
 
 
+class _TimedOut(Exception):
+    """A request that ran past its deadline (answered 503)."""
+
+
 class _StopCancelled:
     """Stopping criterion: rows whose request was cancelled or ran out of time stop generating."""
 
@@ -308,8 +312,13 @@ class CompletionsBackend:
                     job.finish(error=exc)
                 continue
             for job, result in zip(live, results):
-                self.requests_cancelled += job.cancelled.is_set()
-                job.finish(result)
+                if job.cancelled.is_set():
+                    self.requests_cancelled += 1
+                elif time.monotonic() > job.deadline:  # its rows may have been stopped short: not an answer
+                    self.requests_cancelled += 1
+                    job.finish(error=_TimedOut())
+                else:
+                    job.finish(result)
 
     @torch.no_grad()
     def _run(self, jobs: list[_Job]) -> list[tuple[list[list[int]], list[dict[str, torch.Tensor]] | None]]:
@@ -479,9 +488,14 @@ class CompletionsBackend:
             score = scores[index] if scores is not None else None
             if req.prompt_logprobs is not None and score is not None:
                 choice["prompt_logprobs"] = self._prompt_logprobs(prompt, score, req.prompt_logprobs)
+            echoed = prompt if req.echo else []
+            offsets = None
+            if req.stream or req.logprobs is not None:
+                offsets = [min(o, len(prefix)) for o in self._offsets(echoed, 0)] + self._offsets(gen, len(prefix))
             if req.logprobs is not None and score is not None:
-                choice["logprobs"] = self._logprobs(prompt if req.echo else [], gen, len(prompt), score,
-                                                    req.logprobs, name, len(prefix))
+                choice["logprobs"] = self._logprobs(echoed, gen, len(prompt), score, req.logprobs, name, offsets)
+            elif req.stream:
+                choice["_offsets"] = offsets  # where the stream cuts the text into one event per token
             choices.append(choice)
         prompt_tokens = sum(len(p) for p in prompts)
         return {
@@ -515,7 +529,7 @@ class CompletionsBackend:
         return out
 
     def _logprobs(self, echoed: list[int], gen: list[int], prompt_len: int, score: dict[str, torch.Tensor],
-                  k: int, name: Any, gen_base: int) -> dict[str, Any]:
+                  k: int, name: Any, offsets: list[int]) -> dict[str, Any]:
         """OpenAI's ``logprobs`` object over the echoed prompt (first token: ``null``) and the completion."""
         lp, top_v, top_i = score["logprob"].tolist(), score["top_values"][:, :k].tolist(), \
             score["top_ids"][:, :k].tolist()
@@ -530,7 +544,6 @@ class CompletionsBackend:
                 continue
             token_lp.append(lp[pos - 1])
             tops.append({name(t): v for v, t in zip(top_v[pos - 1], top_i[pos - 1])})
-        offsets = [min(o, gen_base) for o in self._offsets(echoed, 0)] + self._offsets(gen, gen_base)
         return {"tokens": [name(t) for t in tokens], "token_logprobs": token_lp, "top_logprobs": tops,
                 "text_offset": offsets}
 
@@ -550,14 +563,13 @@ def _stream_events(answer: dict[str, Any], include_usage: bool) -> list[str]:
     for choice in answer["choices"]:
         logprobs = choice.get("logprobs")
         text = choice["text"]
+        offsets = logprobs["text_offset"] if logprobs else choice.pop("_offsets")
         pieces: list[tuple[str, Any]] = []
-        if logprobs:
-            offsets = logprobs["text_offset"] + [len(text)]
-            for j in range(len(logprobs["tokens"])):
-                piece = text[min(offsets[j], len(text)) : min(offsets[j + 1], len(text))] \
-                    if j + 1 < len(logprobs["tokens"]) else text[min(offsets[j], len(text)) :]
-                pieces.append((piece, {key: logprobs[key][j : j + 1] for key in logprobs}))
-        elif text:
+        for j, start in enumerate(offsets):
+            end = offsets[j + 1] if j + 1 < len(offsets) else len(text)  # the last piece takes the rest
+            piece = text[min(start, len(text)) : min(end, len(text))]
+            pieces.append((piece, {key: logprobs[key][j : j + 1] for key in logprobs} if logprobs else None))
+        if not offsets and text:
             pieces.append((text, None))
         for piece, lp in pieces:
             events.append(json.dumps({**head, "choices": [{"index": choice["index"], "text": piece,
@@ -682,7 +694,7 @@ def build_app(backend: CompletionsBackend, api_key: str | None = None) -> Any:
             backend.submit(job)
             done, _ = await asyncio.wait({job.future, watcher}, timeout=max(0.0, deadline - time.monotonic()),
                                          return_when=asyncio.FIRST_COMPLETED)
-            if job.future not in done:
+            if job.future not in done or isinstance(job.future.exception(), _TimedOut):
                 job.cancelled.set()
                 if watcher in done:  # nobody is left to answer
                     return _error(499, "client closed the request", "Cancelled")
