@@ -333,3 +333,15 @@ def test_one_token_requests_sample_from_the_scoring_forward(served):
     first, again = (request(port, sampled)[1]["choices"] for _ in range(2))
     assert [c["token_ids"] for c in first] == [c["token_ids"] for c in again]
     assert len({c["token_ids"][0] for c in first}) > 1  # really sampled
+
+
+def test_a_body_declared_far_too_large_is_refused_unread(served):
+    _, port = served
+    s = socket.create_connection(("127.0.0.1", port), timeout=10)
+    s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+              b"Content-Length: 1000000000\r\n\r\n{\"prompt\": [1")
+    answer = b""
+    while b"\r\n\r\n" not in answer:
+        answer += s.recv(65536)
+    s.close()
+    assert answer.startswith(b"HTTP/1.1 413")

@@ -635,15 +635,18 @@ def build_app(backend: CompletionsBackend, api_key: str | None = None) -> Any:
         if declared is not None and (not declared.isdigit()):
             raise BadRequest("bad Content-Length")
         too_big = BadRequest(f"request body over {limits.max_body_bytes} bytes (--max-body-bytes)", 413)
+        # A client that writes its whole body before reading sees the 413 only if the body is read
+        # (dropped) first: closing on unread data resets the connection. Up to this much is drained.
+        drain = 4 * limits.max_body_bytes + (1 << 20)
+        if declared is not None and int(declared) > drain:
+            raise too_big
         chunks, size = [], 0
         oversized = declared is not None and int(declared) > limits.max_body_bytes
         async for chunk in request.stream():
             size += len(chunk)
             if oversized or size > limits.max_body_bytes:
                 oversized = True
-                # Read on (and drop) a little more so a client that writes its whole body before
-                # reading sees the 413 rather than a reset; past that the connection is closed.
-                if size > 4 * limits.max_body_bytes + (1 << 20):
+                if size > drain:
                     break
                 continue
             chunks.append(chunk)
