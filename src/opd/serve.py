@@ -620,6 +620,10 @@ def build_app(backend: CompletionsBackend, api_key: str | None = None) -> Any:
     async def wrong_method(request: Request, exc: Exception) -> Any:
         return _error(405, f"{request.method} is not allowed on {request.url.path}", "MethodNotAllowed")
 
+    @app.exception_handler(Exception)
+    async def internal(request: Request, exc: Exception) -> Any:  # a bug answers JSON too (and is logged)
+        return _error(500, f"{type(exc).__name__}: {str(exc)[:300]}", "InternalServerError")
+
     @app.get("/health")
     async def health() -> Any:
         return {"status": "ok", "requests_in_queue": state["pending"], "forward_batches": backend.batches_run,
