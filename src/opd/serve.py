@@ -353,12 +353,7 @@ class CompletionsBackend:
                 scores[i] = s
             self.batches_run += 1
             self.sequences_run += len(index)
-        out, at = [], 0
-        for job in jobs:
-            n = len(job.prompts)
-            out.append((gens[at : at + n], scores[at : at + n] if job.score_k is not None else None))
-            at += n
-        return out
+        return _split_by_job(jobs, gens, scores)
 
     def _run_one_token(self, jobs: list[_Job], rows: list[tuple[_Job, list[int]]]) -> list[Any]:
         """``max_tokens: 1`` (how opd's client scores): the token is sampled from the last position of
@@ -380,12 +375,7 @@ class CompletionsBackend:
                     scores[i] = score
                 self.batches_run += 1
                 self.sequences_run += len(chunk)
-        out, at = [], 0
-        for job in jobs:
-            n = len(job.prompts)
-            out.append((gens[at : at + n], scores[at : at + n] if job.score_k is not None else None))
-            at += n
-        return out
+        return _split_by_job(jobs, gens, scores)
 
     def _sample(self, logits_BV: torch.Tensor, params: SamplingParams) -> torch.Tensor:
         """One token per row as ``generate`` picks it: argmax, or softmax(logits / T) after top-k and
@@ -826,3 +816,13 @@ def serve(model_dir: str, *, host: str = "127.0.0.1", port: int = 8000, dtype: s
         pass
     finally:
         server.server_close()
+
+
+def _split_by_job(jobs: list[_Job], gens: list[list[int]], scores: list[Any]) -> list[Any]:
+    """The batch's rows handed back to the jobs they came from, in order."""
+    out, at = [], 0
+    for job in jobs:
+        n = len(job.prompts)
+        out.append((gens[at : at + n], scores[at : at + n] if job.score_k is not None else None))
+        at += n
+    return out
