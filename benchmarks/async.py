@@ -69,13 +69,40 @@ def summarise(run_dir: Path) -> dict[str, Any]:
     timed = steps[2:] or steps
     final = [r for r in rows if "eval/accuracy" in r][-1]
     return {
-        "tokens_per_s": statistics.fmean(r["train/completion_tokens"] / r["perf/step_s"] for r in timed),
+        # total tokens over total time: a mean of per-step rates would over-weight short steps
+        "tokens_per_s": sum(r["train/completion_tokens"] for r in timed) / sum(r["perf/step_s"] for r in timed),
+        "completion_tokens": statistics.fmean(r["train/completion_tokens"] for r in timed),
         "step_s": statistics.fmean(r["perf/step_s"] for r in timed),
         "rollout_wait_s": statistics.fmean(r["perf/rollout_s"] for r in timed),
         "student_s": statistics.fmean(r["perf/student_s"] for r in timed),
         "policy_lag": statistics.fmean(r.get("rollout/policy_lag", 0.0) for r in timed),
         "accuracy": final["eval/accuracy"], "accuracy_sampled": final.get("eval/accuracy_sampled"),
+        # the accuracies stay near 0 for a student this far from the teacher after 30 steps; these move
+        "teacher_divergence": final.get("eval/teacher_divergence"),
+        "first_error": final.get("eval/first_error"), "first_error_sampled": final.get("eval/first_error_sampled"),
     }
+
+
+def report(results: list[dict[str, Any]], args: argparse.Namespace) -> None:
+    sync = {r["seed"]: r["tokens_per_s"] for r in results if r["async_steps"] == 0}
+    sync_step = {r["seed"]: r["step_s"] for r in results if r["async_steps"] == 0}
+    keys = ("tokens_per_s", "step_s", "rollout_wait_s", "student_s", "policy_lag", "accuracy", "accuracy_sampled",
+            "teacher_divergence", "first_error_sampled")
+    print(f"\n{'async':>5} {'tok/s':>8} {'vs sync':>8} {'step s':>7} {'wait s':>7} {'train s':>8} {'lag':>5} "
+          f"{'greedy':>7} {'sampled':>8} {'RKL':>7} {'1st err':>8}   (mean over {args.seeds} seeds; {args.engine})")
+    for lag in (0, 1, 2):
+        rows = [r for r in results if r["async_steps"] == lag]
+        ratios = [r["tokens_per_s"] / sync[r["seed"]] for r in rows]
+        step_ratios = [sync_step[r["seed"]] / r["step_s"] for r in rows]
+        mean = {key: statistics.fmean(r[key] for r in rows) for key in keys}
+        print(f"{lag:>5} {mean['tokens_per_s']:>8.1f} {statistics.fmean(ratios):>8.2f} {mean['step_s']:>7.2f} "
+              f"{mean['rollout_wait_s']:>7.2f} {mean['student_s']:>8.2f} {mean['policy_lag']:>5.2f} "
+              f"{mean['accuracy']:>7.3f} {mean['accuracy_sampled']:>8.3f} {mean['teacher_divergence']:>7.2f} "
+              f"{mean['first_error_sampled']:>8.2f}")
+        print(f"{'':>5} per seed vs sync: tok/s " + ", ".join(f"{x:.2f}" for x in ratios)
+              + "; steps/s " + ", ".join(f"{x:.2f}" for x in step_ratios)
+              + "; tokens/step " + ", ".join(f"{r['completion_tokens']:.0f}" for r in rows)
+              + "; RKL: " + ", ".join(f"{r['teacher_divergence']:.2f}" for r in rows))
 
 
 def main() -> None:
@@ -90,6 +117,8 @@ def main() -> None:
     parser.add_argument("--warm-steps", type=int, default=150)
     parser.add_argument("--out", type=Path, default=Path("runs/async-bench"))
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--report-only", action="store_true",
+                        help="no training: print the table from the runs already in --out")
     args = parser.parse_args()
     from opd.demo import task
     from opd.demo.run import TEACHER_DIR
@@ -107,10 +136,10 @@ def main() -> None:
             "eval.scorer": "opd.demo.run:demo_is_correct", "eval.first_error": "opd.demo.run:demo_first_error",
             "eval.batch_size": 128}
     student = args.out / "student_init"
-    if not student.exists():
+    if not student.exists() and not args.report_only:
         build_student(student, args.hidden, args.layers)
     warm = args.out / "warm"
-    if not (warm / "final").exists():
+    if not (warm / "final").exists() and not args.report_only:
         print(f"warm start: {args.warm_steps} steps of supervised KD", flush=True)
         opd_train("supervised_kd", {**base, "model.student": str(student), "train.output_dir": str(warm),
                                     "train.steps": args.warm_steps, "optim.lr": 2e-3, "data.eval": "null"}, None)
@@ -119,6 +148,10 @@ def main() -> None:
     for seed in range(args.seeds):
         for lag in (0, 1, 2):
             out = args.out / f"{args.engine}-async{lag}-seed{seed}"
+            if args.report_only:
+                results.append({"engine": args.engine, "async_steps": lag, "seed": seed, "wall_s": None,
+                                **summarise(out)})
+                continue
             if out.exists():
                 import shutil
 
@@ -134,17 +167,7 @@ def main() -> None:
             print(f"seed {seed} async {lag}: {row['tokens_per_s']:.1f} tok/s (step {row['step_s']:.2f}s, waiting "
                   f"for rollouts {row['rollout_wait_s']:.2f}s), lag {row['policy_lag']:.2f}, greedy "
                   f"{row['accuracy']:.3f}, sampled {row['accuracy_sampled']:.3f}", flush=True)
-    sync = {r["seed"]: r["tokens_per_s"] for r in results if r["async_steps"] == 0}
-    print(f"\n{'async':>5} {'tok/s':>8} {'vs sync':>8} {'step s':>7} {'wait s':>7} {'lag':>5} "
-          f"{'greedy':>7} {'sampled':>8}   (mean over {args.seeds} seeds; {args.engine})")
-    for lag in (0, 1, 2):
-        rows = [r for r in results if r["async_steps"] == lag]
-        ratio = statistics.fmean(r["tokens_per_s"] / sync[r["seed"]] for r in rows)
-        mean = {key: statistics.fmean(r[key] for r in rows) for key in
-                ("tokens_per_s", "step_s", "rollout_wait_s", "policy_lag", "accuracy", "accuracy_sampled")}
-        print(f"{lag:>5} {mean['tokens_per_s']:>8.1f} {ratio:>8.2f} {mean['step_s']:>7.2f} "
-              f"{mean['rollout_wait_s']:>7.2f} {mean['policy_lag']:>5.2f} {mean['accuracy']:>7.3f} "
-              f"{mean['accuracy_sampled']:>8.3f}")
+    report(results, args)
     if args.json:
         args.json.write_text(json.dumps({"settings": {k: str(v) for k, v in vars(args).items()}, "rows": results},
                                         indent=1))

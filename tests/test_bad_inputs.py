@@ -93,6 +93,12 @@ CASES = [
     ("unknown_teacher_attention_kernel", {"teacher.attn_implementation": "fast"}, "on_policy_rkl",
      "cannot use attn_implementation='fast'"),
     ("unknown_cpu_linear", {"train.cpu_linear": "mkl"}, "on_policy_rkl", "train.cpu_linear"),
+    # issue 19: a non-finite or boolean number, and eval rows that would score 0 without a word
+    ("lr_infinite", {"optim.lr": ".inf"}, "gkd", "optim.lr: Input should be a finite number"),
+    ("steps_boolean", {"train.steps": "true"}, "gkd", "train.steps: must be a number, not true"),
+    ("eval_row_without_answer", lambda t: {"data.eval": _data(t, "eval_noans.jsonl", '{"prompt": "1 2 =", '
+                                                              '"answer": "+ 1"}\n{"prompt": "3 4 ="}\n')},
+     "on_policy_rkl", "eval_noans.jsonl:2: missing reference `answer` (data.eval rows are scored against it"),
 ]
 
 
@@ -190,3 +196,206 @@ def test_safe_by_default():
                 kwargs = {k.arg: k.value for k in node.keywords}
                 assert "weights_only" in kwargs and kwargs["weights_only"].value is True, f"{path}:{node.lineno}"
             assert not (isinstance(node, ast.Name) and node.id == "pickle"), f"{path} uses pickle"
+
+
+def test_an_emptied_or_partial_checksum_manifest_fails_verification(tiny_setup, tmp_path, capsys):
+    """Issue 19.7: `checksums.json` replaced by `{}` turned verification off and tampered weights loaded.
+    The manifest must now list every file the checkpoint holds."""
+    import torch
+    from safetensors.torch import load_file
+
+    out = tmp_path / "tampered"
+    args = ["train", "on_policy_rkl", *base_overrides(tiny_setup, out, **{
+        "train.steps": 2, "train.save_every": 1, "data.eval": "null"})]
+    assert main(args) == 0
+    reference = load_file(str(out / "final" / "model.safetensors"))
+    newest, previous = ckpt.list_checkpoints(out)[-1], ckpt.list_checkpoints(out)[0]
+    (newest / "model.safetensors").write_bytes(b"tampered")
+    (newest / "checksums.json").write_text("{}")
+    with pytest.raises(ckpt.RunDirError, match="does not list state.json"):
+        ckpt.verify_checksums(newest)
+    # a manifest that leaves out the tampered file (and only it) fails too
+    sums = json.loads((previous / "checksums.json").read_text())
+    del sums["optimizer.pt"]
+    (previous / "checksums.json").write_text(json.dumps(sums))
+    (previous / "optimizer.pt").write_bytes(b"tampered")
+    with pytest.raises(ckpt.RunDirError, match="optimizer.pt is not in checksums.json"):
+        ckpt.verify_checksums(previous)
+    # resume refuses both instead of loading them: one line, nothing loaded, final/ unchanged
+    with pytest.warns(UserWarning, match="trying the previous checkpoint"):
+        _check(*_cli(capsys, [*args, "--resume"]), "failed its checksum")
+    after = load_file(str(out / "final" / "model.safetensors"))
+    assert all(torch.equal(reference[k], after[k]) for k in reference)
+
+
+def test_a_sharded_checkpoints_manifest_must_cover_every_shard(tmp_path):
+    """The same for a DCP checkpoint (train.distributed=fsdp): shards live in student/, hashed recursively."""
+    import torch
+    import torch.distributed.checkpoint as dcp
+
+    folder = tmp_path / "step-00000001"
+    with pytest.warns(UserWarning):  # DCP without a process group saves as one process, with a warning
+        dcp.save({"w": torch.arange(6.0)}, checkpoint_id=str(folder / "student"))
+    (folder / "state.json").write_text('{"step": 1}')
+    ckpt.write_checksums(folder)
+    ckpt.verify_checksums(folder)
+    full = json.loads((folder / "checksums.json").read_text())
+    shard = next(name for name in full if name.startswith("student/") and name.endswith(".distcp"))
+    for manifest, needle in (({k: v for k, v in full.items() if k != shard}, f"{shard} is not in"),
+                             ({}, "does not list state.json"), ([], "is not a mapping"),
+                             ({**full, "../outside": full["state.json"]}, "../outside is missing")):
+        (folder / "checksums.json").write_text(json.dumps(manifest))
+        with pytest.raises(ckpt.RunDirError, match=needle):
+            ckpt.verify_checksums(folder)
+
+
+@pytest.mark.parametrize("steps, needle", [(3, "ended on 2 skipped step(s)"), (1, "gives NaN/inf logits")])
+def test_a_run_that_blows_up_at_the_end_writes_no_final_model(tiny_setup, tmp_path, capsys, steps, needle):
+    """Issue 19.2: at optim.lr=1e30 the first step leaves weights near 1e29 (finite, NaN logits) and the
+    later ones are skipped as NaN; the run exited 0 with that as final/. Now: one line, exit 2, no final/,
+    the last checkpoint kept (a skipped step writes none)."""
+    out = tmp_path / "run"
+    args = ["train", "on_policy_rkl", *base_overrides(tiny_setup, out, **{
+        "train.steps": steps, "optim.lr": "1e30", "train.save_every": 1, "train.keep_checkpoints": 1,
+        "data.eval": "null"})]
+    code, err = _cli(capsys, args)
+    _check(code, err, needle)
+    assert "final/ not written" in err and "step-00000001) is kept" in err
+    assert not (out / "final").exists()
+    assert [p.name for p in ckpt.list_checkpoints(out)] == ["step-00000001"]
+    ckpt.verify_checksums(out / "checkpoints" / "step-00000001")
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real 800 KB filesystem (tmpfs), so writers fail as they do on a full disk; skipped where mounting
+    is not permitted (it needs root and a kernel that allows it, as in a privileged container)."""
+    import subprocess
+
+    folder = tmp_path / "small_disk"
+    folder.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=800k", "tmpfs", str(folder)],
+                             capture_output=True, text=True) if shutil.which("mount") else None
+    if mounted is None or mounted.returncode != 0:
+        reason = mounted.stderr.strip() if mounted is not None else "no mount command"
+        pytest.skip(f"cannot mount a small tmpfs here (needs root and mount permission): {reason}")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], check=False)
+
+
+def test_a_real_full_disk_gives_the_disk_full_line_and_resumes(tiny_setup, tmp_path, small_disk, capsys):
+    """Issue 19.3: on a real 800 KB filesystem torch.save failed with `RuntimeError: ... unexpected pos` and
+    safetensors with `SafetensorError: ... os error 28`, not the documented line. Now: the line, the
+    half-written checkpoint removed, the committed ones intact, and after freeing space --resume ends on
+    the weights of a run that never hit the wall."""
+    import subprocess
+
+    import torch
+    from safetensors.torch import load_file
+
+    extra = {"train.steps": 5, "train.save_every": 1, "data.eval": "null"}
+    out = small_disk / "run"
+    args = ["train", "on_policy_rkl", *base_overrides(tiny_setup, out, **extra)]
+    code, err = _cli(capsys, args)
+    _check(code, err, "disk full writing")
+    assert "rerun with --resume" in err
+    committed = ckpt.list_checkpoints(out)
+    assert committed and not [p for p in (out / "checkpoints").iterdir() if p.name.startswith(".tmp-")]
+    for folder in committed:
+        ckpt.verify_checksums(folder)
+    subprocess.run(["mount", "-o", "remount,size=8m", str(small_disk)], check=True)  # space freed
+    assert main([*args, "--resume"]) == 0
+    straight = tmp_path / "straight"
+    assert main(["train", "on_policy_rkl", *base_overrides(tiny_setup, straight, **extra)]) == 0
+    expected = load_file(str(straight / "final" / "model.safetensors"))
+    got = load_file(str(out / "final" / "model.safetensors"))
+    assert all(torch.equal(expected[k], got[k]) for k in expected)
+
+
+def _fill(folder: Path) -> None:
+    """Write into ``folder`` until its filesystem refuses another byte."""
+    with (folder / "ballast").open("wb", buffering=0) as handle:
+        try:
+            while handle.write(b"\0" * 4096):
+                pass
+        except OSError as exc:
+            assert exc.errno == errno.ENOSPC
+
+
+def _writers():
+    import torch
+    import torch.distributed.checkpoint as dcp
+    import yaml
+    from safetensors.torch import save_file, save_model
+
+    big = torch.randn(64, 256)
+    return {
+        "torch.save": lambda d: torch.save({"w": big}, d / "optimizer.pt"),
+        "safetensors.save_file": lambda d: save_file({"w": big}, str(d / "rng.safetensors")),
+        "safetensors.save_model": lambda d: save_model(torch.nn.Linear(256, 64), str(d / "model.safetensors")),
+        "json": lambda d: (d / "state.json").write_text(json.dumps({"x": list(range(20000))})),
+        "yaml": lambda d: (d / "config.yaml").write_text(yaml.safe_dump({"x": list(range(20000))})),
+        "dcp": lambda d: dcp.save({"w": big}, checkpoint_id=str(d / "student")),
+    }
+
+
+@pytest.mark.parametrize("writer", list(_writers()))
+def test_every_checkpoint_writer_maps_a_full_disk_to_one_error(small_disk, writer):
+    """Each library fails differently on ENOSPC; the guard around checkpoint writes names them all."""
+    import warnings
+
+    from opd.errors import DiskFullError, disk_writes
+
+    _fill(small_disk)
+    target = small_disk / "step-00000001"
+    target.mkdir()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # DCP without a process group
+        with pytest.raises(DiskFullError, match="disk full writing .*step-00000001; free space and rerun"):
+            with disk_writes(target, cleanup=target):
+                _writers()[writer](target)
+    assert not target.exists()  # the half-written folder is gone, its space free again
+
+
+def test_other_write_errors_are_not_taken_for_a_full_disk(tmp_path):
+    from opd.errors import disk_writes
+
+    with pytest.raises(RuntimeError, match="unrelated"):
+        with disk_writes(tmp_path / "x"):
+            raise RuntimeError("unrelated")
+
+
+_STRICT_ROLES = ("{% for message in messages %}\n{% if message['role'] not in ['user', 'assistant', 'system'] %}\n"
+                 "{{ raise_exception('Unknown role: ' + message['role']) }}\n{% endif %}"
+                 "{{ message['role'] + ': ' + message['content'] + '\\n' }}{% endfor %}")
+_ANY_ROLE = "{% for message in messages %}{{ message['role'] + ': ' + message['content'] + '\\n' }}{% endfor %}"
+
+
+@pytest.mark.parametrize("strict", ["student", "teacher"])
+def test_a_chat_template_that_raises_names_the_row_and_the_template(tiny_setup, tmp_path, capsys, strict):
+    """Issue 19.6: `Unknown role: wizard` came with no file or line. Now the data row (file:line) and the
+    template's file and line are named, whether the student's template raises at load or the teacher's
+    own template while scoring."""
+    from transformers import AutoTokenizer
+
+    dirs = {}
+    for name in ("student", "teacher"):
+        dirs[name] = tmp_path / name
+        shutil.copytree(tiny_setup / name, dirs[name])
+        tokenizer = AutoTokenizer.from_pretrained(dirs[name])
+        tokenizer.chat_template = _STRICT_ROLES if name == strict else _ANY_ROLE
+        tokenizer.save_pretrained(dirs[name])
+    data = write_rows(tmp_path / "chat.jsonl", [
+        {"messages": [{"role": "user", "content": "1 2 ="}, {"role": "assistant", "content": "+ 1"}]},
+        {"messages": [{"role": "wizard", "content": "3 4 ="}, {"role": "assistant", "content": "+ 3"}]},
+    ])
+    out = tmp_path / "run"
+    args = ["train", "on_policy_rkl", *base_overrides(tiny_setup, out, **{
+        "model.student": dirs["student"], "teacher.model": dirs["teacher"], "data.train": data,
+        "data.eval": "null", "train.batch_size": 2, "train.steps": 1})]
+    code, err = _cli(capsys, args)
+    whose = "chat template" if strict == "student" else "teacher's chat template"
+    _check(code, err, f"chat.jsonl:2: the {whose} {dirs[strict] / 'chat_template.jinja'} (line 3) failed on this "
+                      "row: Unknown role: wizard")

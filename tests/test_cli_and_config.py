@@ -155,3 +155,65 @@ def test_on_policy_schedule_interpolates_and_is_checked():
     with pytest.raises(ConfigError, match="on_policy_fraction=1"):
         load_config("sampled_token_opd", ["model.student=s", "teacher.model=t", "data.train=d",
                                            "rollout.on_policy_schedule=[[0, 0], [1, 1]]"])
+
+
+def _numeric_fields(kind: type) -> list[str]:
+    """Dotted keys of every setting whose type admits ``kind`` (int or float) as a plain value."""
+    import typing
+
+    from pydantic import BaseModel
+
+    from opd.config import RunConfig
+
+    def admits(annotation: object) -> bool:
+        if annotation is kind:
+            return True
+        origin = typing.get_origin(annotation)
+        if origin in (typing.Union, getattr(__import__("types"), "UnionType", None), typing.Annotated):
+            return any(admits(a) for a in typing.get_args(annotation))
+        return False
+
+    keys = []
+
+    def walk(model: type[BaseModel], prefix: str) -> None:
+        for name, info in model.model_fields.items():
+            if isinstance(info.annotation, type) and issubclass(info.annotation, BaseModel):
+                walk(info.annotation, f"{prefix}{name}.")
+            elif admits(info.annotation):
+                keys.append(f"{prefix}{name}")
+
+    walk(RunConfig, "")
+    return keys
+
+
+_BASE = ["model.student=s", "teacher.model=t", "data.train=d.jsonl"]
+
+
+def test_every_float_setting_refuses_non_finite_values():
+    """Issue 19.1: `optim.lr=.inf` trained to an all-NaN final model; now every float setting refuses it."""
+    keys = _numeric_fields(float)
+    assert {"optim.lr", "temperature", "loss.beta", "optim.max_grad_norm", "loss.importance_cap"} <= set(keys)
+    for key in keys:
+        for bad in (".inf", "-.inf", ".nan"):
+            with pytest.raises(ConfigError, match=rf"{key}: Input should be a finite number"):
+                load_config("gkd", [*_BASE, f"{key}={bad}"])
+    for override, key in (("optim.betas=[0.9, .nan]", "optim.betas.1"),
+                          ("rollout.on_policy_schedule=[[0, 0], [1, .inf]]", "rollout.on_policy_schedule.1.1")):
+        with pytest.raises(ConfigError, match=f"{key}: Input should be a finite number"):
+            load_config("gkd", [*_BASE, override])
+
+
+def test_booleans_are_not_numbers_but_number_strings_from_overrides_are():
+    """Issue 19.4: `train.steps=true` ran one step (bool is an int in Python); every int and float setting
+    now refuses booleans, while `key=3` overrides (YAML scalars) and `1e-5` (a string to PyYAML) still load."""
+    keys = _numeric_fields(int) + _numeric_fields(float)
+    assert {"train.steps", "train.seed", "optim.lr", "rollout.top_k"} <= set(keys)
+    for key in [*keys, "rollout.async_steps", "train.zero_stage"]:
+        for bad in ("true", "false"):
+            with pytest.raises(ConfigError, match=rf"{key}: must be a number, not {bad}"):
+                load_config("gkd", [*_BASE, f"{key}={bad}"])
+    with pytest.raises(ConfigError, match="optim.betas.0: must be a number"):
+        load_config("gkd", [*_BASE, "optim.betas=[true, 0.9]"])
+    cfg = load_config("gkd", [*_BASE, "train.steps=3", "optim.lr=1e-5", "train.seed=7", "loss.beta=1"])
+    assert (cfg.train.steps, cfg.optim.lr, cfg.train.seed, cfg.loss.beta) == (3, 1e-5, 7, 1.0)
+    assert type(cfg.train.steps) is int and type(cfg.loss.beta) is float

@@ -318,8 +318,10 @@ def test_teacher_scores_chat_prompts_with_its_own_template(tiny_setup, tmp_path,
 
 
 def _serve(model_dir, port):
-    proc = subprocess.Popen([sys.executable, "-m", "opd.cli", "serve-teacher", str(model_dir), "--port", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # --max-batch 1: requests are not batched together, so a sequence's scores are bit-identical whichever
+    # server of the pool scores it and whatever else it had queued
+    proc = subprocess.Popen([sys.executable, "-m", "opd.cli", "serve-teacher", str(model_dir), "--port", str(port),
+                             "--max-batch", "1"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         try:

@@ -152,7 +152,13 @@ def build_run(config: RunConfig, accelerator: Any, log: Any = None) -> Run:
                                            limit=config.data.max_train_examples, need_answers=need_answers)
     eval_examples: list[Example] = []
     if config.data.eval:
-        eval_examples, _ = load_examples(config.data.eval, config.data, tokenizer, limit=config.data.max_eval_examples)
+        # The built-in scorers and first-error measure compare with the reference: a row without one would
+        # count as wrong without a word. Only custom functions (module:function) may do without.
+        custom = ":" in config.eval.scorer and ":" in config.eval.first_error
+        eval_examples, _ = load_examples(config.data.eval, config.data, tokenizer, limit=config.data.max_eval_examples,
+                                         need_answers=not custom,
+                                         why="data.eval rows are scored against it; custom eval.scorer and "
+                                         "eval.first_error functions may do without")
     if isinstance(teacher, SelfTeacher):
         teacher.check(train_examples)
     _check_routes(config, train_examples, routed)

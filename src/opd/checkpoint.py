@@ -14,7 +14,8 @@ Layout of ``RUN/checkpoints/step-00000010/``::
     hooks.pt            the hooks' other state: data position, DistiLLM's phi and replay buffer,
                         the discriminator's optimizer, ... (``weights_only=True``)
     state.json          step, process count and compute counters
-    checksums.json      SHA-256 of every file above (in sub-folders too), verified before anything is loaded
+    checksums.json      SHA-256 of every file above (in sub-folders too), verified before anything is loaded;
+                        it must list every file the folder holds (an emptied or partial manifest fails)
 
 A checkpoint is written into a temporary directory and renamed into place, so a
 crash leaves either the complete previous checkpoint or the complete new one; the
@@ -37,7 +38,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, load_model, save_file, save_model
 
-from opd.errors import RunDirError
+from opd.errors import RunDirError, disk_writes
 
 _PREFIX = "step-"
 
@@ -107,14 +108,27 @@ def write_checksums(folder: Path) -> None:
 
 
 def verify_checksums(folder: Path) -> None:
-    """Raise :class:`RunDirError` naming the first missing or altered file."""
+    """Raise :class:`RunDirError` naming the first missing, altered or unlisted file.
+
+    The manifest must list exactly the files the checkpoint holds (sub-folders included): a manifest
+    emptied or cut down would otherwise vouch for files nobody checked.
+    """
     try:
         sums = json.loads((folder / CHECKSUMS).read_text())
     except (OSError, ValueError):
         raise RunDirError(f"checkpoint {folder} has no readable {CHECKSUMS}") from None
+    if not isinstance(sums, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in sums.items()):
+        raise RunDirError(f"checkpoint {folder}: {CHECKSUMS} is not a mapping of file names to SHA-256 sums")
+    if "state.json" not in sums:
+        raise RunDirError(f"checkpoint {folder}: {CHECKSUMS} does not list state.json (an empty or partial manifest)")
+    held = {f.relative_to(folder).as_posix() for f in folder.rglob("*") if f.is_file() and f.name != CHECKSUMS}
+    unlisted = sorted(held - set(sums))
+    if unlisted:
+        raise RunDirError(f"checkpoint {folder}: {unlisted[0]} is not in {CHECKSUMS} "
+                          f"({len(unlisted)} unlisted file(s); the manifest is partial or was altered)")
     for name, expected in sums.items():
         path = folder / name
-        if not path.is_file():
+        if name not in held:  # also keeps a crafted name ("../x") from pointing outside the checkpoint
             raise RunDirError(f"checkpoint {folder} is incomplete: {name} is missing")
         if sha256_file(path) != expected:
             raise RunDirError(f"checkpoint {folder} is corrupted: {name} does not match its checksum")
@@ -188,24 +202,29 @@ def save_checkpoint(
     root = run_dir / "checkpoints"
     final = root / f"{_PREFIX}{step:08d}"
     tmp = final.parent / f".tmp-{final.name}-writing"
+    # Every writer below fails its own way on a full disk (torch.save: RuntimeError "unexpected pos",
+    # safetensors: SafetensorError, DCP: CheckpointException, text: OSError); all become one DiskFullError,
+    # and the half-written directory is removed so its space is free for the rerun.
+    with disk_writes(final, cleanup=tmp if rank == 0 else None):
+        if rank == 0:
+            root.mkdir(parents=True, exist_ok=True)
+            atomic_dir(final, tag="writing")
+        barrier()
+        rng_tensors, rng_json = _rng_state()
+        save_file(rng_tensors, str(tmp / f"rng-rank{rank}.safetensors"))
+        (tmp / f"rng-rank{rank}.json").write_text(json.dumps(rng_json))
+        parallel.save(tmp, model, optimizer)
+        barrier()
+        if rank == 0:
+            modules, others = _split_states({k: v for hook in hooks for k, v in hook.state_dict().items()})
+            for name, module in modules.items():  # e.g. an EMA self-teacher
+                save_model(module, str(tmp / f"{name}.safetensors"))
+            torch.save(others, tmp / HOOKS_FILE)
+            torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+            (tmp / "state.json").write_text(json.dumps({"step": step, "world": world, **trainer_state}))
+            write_checksums(tmp)
+            commit_dir(tmp, final)
     if rank == 0:
-        root.mkdir(parents=True, exist_ok=True)
-        atomic_dir(final, tag="writing")
-    barrier()
-    rng_tensors, rng_json = _rng_state()
-    save_file(rng_tensors, str(tmp / f"rng-rank{rank}.safetensors"))
-    (tmp / f"rng-rank{rank}.json").write_text(json.dumps(rng_json))
-    parallel.save(tmp, model, optimizer)
-    barrier()
-    if rank == 0:
-        modules, others = _split_states({k: v for hook in hooks for k, v in hook.state_dict().items()})
-        for name, module in modules.items():  # e.g. an EMA self-teacher
-            save_model(module, str(tmp / f"{name}.safetensors"))
-        torch.save(others, tmp / HOOKS_FILE)
-        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-        (tmp / "state.json").write_text(json.dumps({"step": step, "world": world, **trainer_state}))
-        write_checksums(tmp)
-        commit_dir(tmp, final)
         prune(run_dir, keep)
     barrier()
     return final

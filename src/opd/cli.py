@@ -8,7 +8,6 @@ Every user error prints one line (``opd: error: ...``) and exits with code 2;
 from __future__ import annotations
 
 import argparse
-import errno
 import json
 import os
 import sys
@@ -151,15 +150,41 @@ def build_parser() -> argparse.ArgumentParser:
 
     p_serve = sub.add_parser(
         "serve-teacher", help="serve a local model over the OpenAI/vLLM completions protocol",
-        description="A small OpenAI-compatible /v1/completions server (prompt_logprobs, token-id prompts) for "
-        "teacher.kind=served when vLLM is not available. Binds 127.0.0.1 by default.",
+        description="An OpenAI-compatible /v1/completions server (uvicorn) for teacher.kind=served when vLLM is "
+        "not available: token-id or text prompts, prompt_logprobs, logprobs with echo, n, stop, stream. Binds "
+        "127.0.0.1 by default; another --host needs --api-key-env. Limits: a body over --max-body-bytes gets "
+        "413; a prompt plus max_tokens past the model's positions 400; a request beyond --max-queue waiting or "
+        "running 429; one not done within --request-timeout 503; a connection that sends no whole request "
+        "within --read-timeout, or idles --idle-timeout between requests, is closed; a client that disconnects "
+        "cancels its request; every malformed request gets 400 with a JSON error.",
     )
     p_serve.add_argument("model", help="model directory or hub id")
-    p_serve.add_argument("--host", default="127.0.0.1")
+    p_serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; others need a key)")
     p_serve.add_argument("--port", type=int, default=8000)
     p_serve.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16", "auto"))
     p_serve.add_argument("--api-key-env", help="require the API key held in this environment variable")
-    p_serve.add_argument("--max-logprobs", type=int, default=20)
+    p_serve.add_argument("--max-logprobs", type=int, default=20, help="largest logprobs / prompt_logprobs k")
+    from opd.serve_limits import ServerLimits
+
+    lim = ServerLimits()
+    p_serve.add_argument("--max-body-bytes", type=int, default=lim.max_body_bytes,
+                         help=f"largest request body; more gets 413 (default {lim.max_body_bytes})")
+    p_serve.add_argument("--max-queue", type=int, default=lim.max_queue,
+                         help=f"requests waiting or running; more get 429 (default {lim.max_queue})")
+    p_serve.add_argument("--max-batch", type=int, default=lim.max_batch,
+                         help=f"sequences of queued requests run in one forward (default {lim.max_batch}; 1: no "
+                         "batching across requests, so scores do not depend on what else was queued)")
+    p_serve.add_argument("--max-sequences", type=int, default=lim.max_sequences,
+                         help=f"prompts x n in one request (default {lim.max_sequences})")
+    p_serve.add_argument("--request-timeout", type=float, default=lim.request_timeout_s,
+                         help=f"seconds a request may wait and run; then 503 (default {lim.request_timeout_s:g})")
+    p_serve.add_argument("--read-timeout", type=float, default=lim.read_timeout_s,
+                         help=f"seconds for a request's head, and again for its body, to arrive (default "
+                         f"{lim.read_timeout_s:g})")
+    p_serve.add_argument("--idle-timeout", type=float, default=lim.idle_timeout_s,
+                         help=f"seconds a keep-alive connection may idle (default {lim.idle_timeout_s:g})")
+    p_serve.add_argument("--max-connections", type=int, default=lim.max_connections,
+                         help=f"open connections; requests beyond get 503 (default {lim.max_connections})")
     _add_debug(p_serve)
     return parser
 
@@ -304,10 +329,20 @@ def _cmd_cache_teacher(args: argparse.Namespace) -> int:
 
 
 def _cmd_serve_teacher(args: argparse.Namespace) -> int:
+    from opd.errors import ConfigError
     from opd.serve import serve
+    from opd.serve_limits import ServerLimits
 
+    limits = ServerLimits(max_body_bytes=args.max_body_bytes, max_queue=args.max_queue, max_batch=args.max_batch,
+                          max_sequences=args.max_sequences, request_timeout_s=args.request_timeout,
+                          read_timeout_s=args.read_timeout, idle_timeout_s=args.idle_timeout,
+                          max_connections=args.max_connections)
+    for name in ("max_body_bytes", "max_queue", "max_batch", "max_sequences", "request_timeout_s", "read_timeout_s",
+                 "idle_timeout_s", "max_connections"):
+        if getattr(limits, name) <= 0:
+            raise ConfigError(f"--{name.removesuffix('_s').replace('_', '-')} must be positive")
     serve(args.model, host=args.host, port=args.port, dtype=args.dtype, api_key_env=args.api_key_env,
-          max_logprobs=args.max_logprobs)
+          max_logprobs=args.max_logprobs, limits=limits)
     return 0
 
 
@@ -330,7 +365,7 @@ def main(argv: list[str] | None = None) -> int:
                                 "report": _cmd_report, "cache-teacher": _cmd_cache_teacher, "doctor": _cmd_doctor,
                                 "serve-teacher": _cmd_serve_teacher}
     debug = getattr(args, "debug", False)
-    from opd.errors import OpdError
+    from opd.errors import OpdError, disk_full, disk_full_message
 
     try:
         return handlers[args.command](args)
@@ -342,22 +377,14 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"opd: error: {_one_line(exc)}", file=sys.stderr)
         return 2
-    except OSError as exc:
-        if debug:
-            raise
-        if exc.errno == errno.ENOSPC:
-            where = f" writing {exc.filename}" if exc.filename else ""
-            print(f"opd: error: disk full{where}; free space and rerun with --resume (committed checkpoints "
-                  "are intact)", file=sys.stderr)
-        else:
-            print(f"opd: error: {type(exc).__name__}: {_one_line(exc)} (rerun with --debug for the traceback)",
-                  file=sys.stderr)
-        return 2
     except Exception as exc:  # anything else still gets one line unless --debug
         if debug:
             raise
-        print(f"opd: error: {type(exc).__name__}: {_one_line(exc)} (rerun with --debug for the traceback)",
-              file=sys.stderr)
+        if disk_full(exc):  # a write outside opd's guarded ones (metrics, trackers, ...)
+            print(f"opd: error: {disk_full_message(getattr(exc, 'filename', None))}", file=sys.stderr)
+        else:
+            print(f"opd: error: {type(exc).__name__}: {_one_line(exc)} (rerun with --debug for the traceback)",
+                  file=sys.stderr)
         return 2
 
 

@@ -16,16 +16,41 @@ from __future__ import annotations
 import copy
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    Strict,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from opd.errors import ConfigError
 
 
+def _not_bool(value: Any) -> Any:
+    # Python's bool is an int, so pydantic would take `train.steps=true` as 1 step.
+    if isinstance(value, bool):
+        raise ValueError(f"must be a number, not {str(value).lower()}")
+    return value
+
+
+_NOT_BOOL = BeforeValidator(_not_bool)
+# Integers are strict (no "3", 3.0 or true); overrides are parsed as YAML scalars first, so
+# `train.steps=3` still arrives as 3. Floats take ints and number strings (PyYAML reads `1e-5`
+# without a dot as a string) but never booleans.
+Int = Annotated[int, _NOT_BOOL, Strict()]
+Float = Annotated[float, _NOT_BOOL]
+
+
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # allow_inf_nan=False: `optim.lr=.inf` or a NaN anywhere is refused at load, not trained with.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class ModelConfig(_Section):
@@ -43,12 +68,12 @@ class ModelConfig(_Section):
         "backward is slow; long sequences and GPUs still use SDPA); or any transformers name (`sdpa`, `eager`, "
         "`flash_attention_2`).",
     )
-    lora_r: int | None = Field(
+    lora_r: Int | None = Field(
         None, ge=1, description="Train LoRA adapters of this rank (PEFT) instead of all weights; the final model "
         "is saved merged, the adapter alone in final/adapter (null = full fine-tuning).",
     )
-    lora_alpha: float = Field(32.0, gt=0.0, description="LoRA scaling alpha.")
-    lora_dropout: float = Field(0.0, ge=0.0, lt=1.0, description="LoRA dropout (keep 0 for on-policy losses).")
+    lora_alpha: Float = Field(32.0, gt=0.0, description="LoRA scaling alpha.")
+    lora_dropout: Float = Field(0.0, ge=0.0, lt=1.0, description="LoRA dropout (keep 0 for on-policy losses).")
     lora_target_modules: list[str] | str = Field(
         "all-linear", description="Modules that get adapters (PEFT names; `all-linear` = every linear layer).",
     )
@@ -70,13 +95,13 @@ class TeacherConfig(_Section):
     self_weights: Literal["live", "frozen", "ema"] = Field(
         "ema", description="Self-teacher weights: the live student, a frozen copy of the initial student, or an EMA.",
     )
-    ema_decay: float = Field(0.99, ge=0.0, lt=1.0, description="EMA decay of the self-teacher per optimizer step.")
+    ema_decay: Float = Field(0.99, ge=0.0, lt=1.0, description="EMA decay of the self-teacher per optimizer step.")
     url: str | list[str] | None = Field(
         None, description="Served teacher: base URL of the completions server, or a list of servers (a pool: "
         "requests go to the least busy healthy one; one that fails is set aside for server_cooldown_s and the "
         "request retried on another, so the run survives losing all but one).",
     )
-    server_cooldown_s: float = Field(
+    server_cooldown_s: Float = Field(
         30.0, gt=0.0, description="Served teacher pool: seconds a failed server is left out before it is tried again.",
     )
     served_model: str | None = Field(None, description="Served teacher: model name sent in requests (default: model).")
@@ -84,11 +109,11 @@ class TeacherConfig(_Section):
         "OPD_TEACHER_API_KEY", description="Served teacher: environment variable holding the API key (sent as a "
         "Bearer token if set; the key itself is never stored in configs or logs).",
     )
-    timeout_s: float = Field(60.0, gt=0.0, description="Served teacher: seconds to wait for one request.")
-    max_retries: int = Field(5, ge=0, description="Served teacher: retries (exponential backoff) before failing.")
-    backoff_s: float = Field(0.5, ge=0.0, description="Served teacher: first retry delay, doubled each retry.")
-    concurrency: int = Field(4, ge=1, description="Served teacher: requests in flight at once.")
-    request_batch: int = Field(8, ge=1, description="Served teacher: sequences per request.")
+    timeout_s: Float = Field(60.0, gt=0.0, description="Served teacher: seconds to wait for one request.")
+    max_retries: Int = Field(5, ge=0, description="Served teacher: retries (exponential backoff) before failing.")
+    backoff_s: Float = Field(0.5, ge=0.0, description="Served teacher: first retry delay, doubled each retry.")
+    concurrency: Int = Field(4, ge=1, description="Served teacher: requests in flight at once.")
+    request_batch: Int = Field(8, ge=1, description="Served teacher: sequences per request.")
     cache: str | None = Field(None, description="Cached teacher: directory written by opd cache-teacher.")
     model: str | None = Field(None, description="Teacher model directory or hub id (required for `local`).")
     tokenizer: str | None = Field(None, description="Teacher tokenizer; defaults to `model`.")
@@ -99,7 +124,7 @@ class TeacherConfig(_Section):
     attn_implementation: str = Field(
         "auto", description="Teacher attention kernel, as `model.attn_implementation`.",
     )
-    top_k: int | None = Field(
+    top_k: Int | None = Field(
         None, ge=1, description="The teacher exposes only its top-k log-probs per position (teacher-side memory "
         "O(T k), what served teachers and caches return); null = full logits. See `loss.topk_support`.",
     )
@@ -116,19 +141,23 @@ class TeacherConfig(_Section):
 
 class DataConfig(_Section):
     train: str = Field(description="Training prompts: .jsonl/.json file, .parquet file, saved dataset dir or hub name.")
-    eval: str | None = Field(None, description="Held-out prompts with reference answers (same formats).")
+    eval: str | None = Field(
+        None, description="Held-out prompts with reference answers (same formats). A row without an answer is "
+        "refused at load (file and line named), since accuracy and first-error positions are measured against it; "
+        "only when eval.scorer and eval.first_error are both module:function may rows leave it out.",
+    )
     split: str = Field("train", description="Split to read when `train`/`eval` is a `datasets` name.")
     prompt_field: str = Field("prompt", description="Field holding a plain-text prompt.")
     messages_field: str = Field(
         "messages", description="Field holding chat messages (rendered with the chat template)."
     )
     answer_field: str = Field("answer", description="Field holding the reference answer (optional for on-policy).")
-    max_prompt_tokens: int = Field(512, ge=1, description="Prompts longer than this are skipped or truncated.")
+    max_prompt_tokens: Int = Field(512, ge=1, description="Prompts longer than this are skipped or truncated.")
     overlong: Literal["skip", "truncate"] = Field(
         "skip", description="What to do with over-long prompts; truncation keeps the end of the prompt."
     )
-    max_train_examples: int | None = Field(None, ge=1, description="Use only the first N training rows.")
-    max_eval_examples: int | None = Field(None, ge=1, description="Use only the first N eval rows.")
+    max_train_examples: Int | None = Field(None, ge=1, description="Use only the first N training rows.")
+    max_eval_examples: Int | None = Field(None, ge=1, description="Use only the first N eval rows.")
     teacher_field: str | None = Field(
         None, description="Multi-teacher routing: the row field naming the teacher (a key of `teachers`) that "
         "scores the row; rows without it go to `teacher`.",
@@ -170,14 +199,14 @@ class RolloutConfig(_Section):
         values = [fraction for _, fraction in self.on_policy_schedule]
         return min(values), max(values)
 
-    on_policy_fraction: float = Field(
+    on_policy_fraction: Float = Field(
         1.0,
         ge=0.0,
         le=1.0,
         description="GKD's lambda: each sample is written by the student with this probability "
         "(decided per sample), otherwise taken from `off_policy_source`.",
     )
-    on_policy_schedule: list[tuple[float, float]] | None = Field(
+    on_policy_schedule: list[tuple[Float, Float]] | None = Field(
         None, description="A lambda schedule (GKD's lambda over the run): [progress, lambda] points, progress 0 = "
         "the first step and 1 = the last, interpolated linearly and held beyond the ends, e.g. [[0, 0], [0.3, 0], "
         "[0.6, 1]] = off-policy for the first 30 %, then a ramp to fully on-policy (the survey's off-policy warm-up "
@@ -187,19 +216,19 @@ class RolloutConfig(_Section):
     off_policy_source: Literal["dataset", "teacher"] = Field(
         "dataset", description="Who writes off-policy samples: the dataset's reference answers or teacher generations."
     )
-    max_new_tokens: int = Field(128, ge=1, description="Generation length cap for student and teacher rollouts.")
-    top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling threshold for rollouts.")
-    top_k: int = Field(0, ge=0, description="Top-k sampling for rollouts (0 = off).")
+    max_new_tokens: Int = Field(128, ge=1, description="Generation length cap for student and teacher rollouts.")
+    top_p: Float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling threshold for rollouts.")
+    top_k: Int = Field(0, ge=0, description="Top-k sampling for rollouts (0 = off).")
     sampler: Literal["student", "mixture", "speculative"] = Field(
         "student", description="How on-policy samples are drawn: `student` alone; `mixture`: each token from "
         "(1-a) p_S + a p_T (MiniLLM teacher-mixed sampling); `speculative`: the student proposes, tokens outside "
         "the teacher's top-K are replaced by teacher samples (SKD). The last two decode with both models.",
     )
-    mixture_alpha: float = Field(0.2, ge=0.0, le=1.0, description="Teacher weight a of `sampler: mixture`.")
-    speculative_top_k: int = Field(
+    mixture_alpha: Float = Field(0.2, ge=0.0, le=1.0, description="Teacher weight a of `sampler: mixture`.")
+    speculative_top_k: Int = Field(
         25, ge=1, description="`sampler: speculative` keeps a student token if it is in the teacher's top-K."
     )
-    samples_per_prompt: int = Field(
+    samples_per_prompt: Int = Field(
         1, ge=1, description="Responses per prompt (a group, for group-normalised outcome rewards); "
         "train.batch_size counts prompts, so a micro-batch holds batch_size x samples_per_prompt sequences.",
     )
@@ -208,12 +237,12 @@ class RolloutConfig(_Section):
         "student samples, a replay of earlier ones or the dataset, with a student probability phi that rises "
         "when validation loss worsens (needs data.eval and train.eval_every; on_policy_fraction must be 0).",
     )
-    adaptive_init: float = Field(0.0, ge=0.0, le=1.0, description="Initial phi of the adaptive schedule.")
-    adaptive_increment: float = Field(0.1, gt=0.0, le=1.0, description="Rise of phi when validation loss worsens.")
-    adaptive_loss_eps: float = Field(
+    adaptive_init: Float = Field(0.0, ge=0.0, le=1.0, description="Initial phi of the adaptive schedule.")
+    adaptive_increment: Float = Field(0.1, gt=0.0, le=1.0, description="Rise of phi when validation loss worsens.")
+    adaptive_loss_eps: Float = Field(
         0.1, ge=0.0, description="phi rises when validation loss >= the last recorded value + this."
     )
-    replay_buffer_size: int = Field(1000, ge=1, description="Student samples kept for replay (FIFO).")
+    replay_buffer_size: Int = Field(1000, ge=1, description="Student samples kept for replay (FIFO).")
     engine: Literal["hf", "vllm", "vllm_server"] = Field(
         "hf", description="Student generation engine: `hf` (the transformers model, decoded with its KV cache by "
         "opd's sampling loop), `vllm` (in-process vLLM, `pip install 'opd[vllm]'`, one process) or `vllm_server` "
@@ -240,36 +269,36 @@ class RolloutConfig(_Section):
         None, description="vllm_server: CPUs for the server opd starts (taskset list, e.g. `0` or `0-3`), so "
         "rollouts and training do not compete for the same cores.",
     )
-    server_start_timeout_s: float = Field(600.0, gt=0.0, description="vllm_server: seconds to wait for the server "
+    server_start_timeout_s: Float = Field(600.0, gt=0.0, description="vllm_server: seconds to wait for the server "
                                           "opd starts to answer.")
 
     @field_validator("server_cpus", mode="before")
     @classmethod
     def _cpu_list(cls, value: Any) -> Any:
         return str(value) if isinstance(value, int) else value  # `server_cpus=0` on the command line is an int
-    server_timeout_s: float = Field(600.0, gt=0.0, description="vllm_server: seconds to wait for one request.")
-    server_retries: int = Field(3, ge=0, description="vllm_server: retries of a failed request.")
-    request_concurrency: int = Field(64, ge=1, description="vllm_server: requests in flight per process.")
-    async_steps: Literal[0, 1, 2] = Field(
+    server_timeout_s: Float = Field(600.0, gt=0.0, description="vllm_server: seconds to wait for one request.")
+    server_retries: Int = Field(3, ge=0, description="vllm_server: retries of a failed request.")
+    request_concurrency: Int = Field(64, ge=1, description="vllm_server: requests in flight per process.")
+    async_steps: Annotated[Literal[0, 1, 2], _NOT_BOOL] = Field(
         0, description="Asynchronous rollouts: the rollouts of step t are written while step t-1 (and t-2) train, "
         "by a sampler with its own copy of the weights (the vLLM server, or a snapshot of the student for the hf "
         "engine), so they come from a policy up to async_steps updates old (logged as rollout/policy_lag; "
         "corrected by the importance ratio, see loss.importance_cap). 0 = synchronous.",
     )
-    weight_sync_every: int = Field(
+    weight_sync_every: Int = Field(
         1, ge=1, description="vllm engine: push the student's weights every N optimizer steps; in between the "
         "sampler lags the learner (importance-weighted by the sampler log-probs).",
     )
-    vllm_kv_cache_gb: float = Field(1.0, gt=0.0, description="vllm engine: KV-cache memory (GiB).")
+    vllm_kv_cache_gb: Float = Field(1.0, gt=0.0, description="vllm engine: KV-cache memory (GiB).")
     vllm_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="vllm engine: weight dtype of the sampler; `auto` = the precision the student computes "
         "in (bfloat16 / float16 under train.mixed_precision, else model.dtype). The pushed weights are cast to it.",
     )
-    prefix_tokens: int | None = Field(
+    prefix_tokens: Int | None = Field(
         None, ge=1, description="Prefix OPD (arXiv 2602.15260): stop rollouts after this many tokens at the first "
         "step, so the loss sees only prefixes (null = full rollouts up to max_new_tokens).",
     )
-    prefix_tokens_final: int | None = Field(
+    prefix_tokens_final: Int | None = Field(
         None, ge=1, description="Prefix length reached at the last step, growing linearly from prefix_tokens "
         "(null = keep prefix_tokens fixed).",
     )
@@ -301,30 +330,30 @@ class LossConfig(_Section):
     estimator: Literal["k1", "k2", "k3"] = Field(
         "k1", description="Single-sample reverse-KL estimator whose negative is the reward (sampled_token_pg)."
     )
-    gamma: float = Field(
+    gamma: Float = Field(
         0.0, ge=0.0, le=1.0, description="Discount of rewards into returns (sampled_token_pg, minillm; the "
         "minillm recipe sets 1)."
     )
-    clip_eps: float = Field(0.2, gt=0.0, description="PPO ratio clipping of the minillm long-term term.")
-    reward_scale: float = Field(
+    clip_eps: Float = Field(0.2, gt=0.0, description="PPO ratio clipping of the minillm long-term term.")
+    reward_scale: Float = Field(
         1.0, ge=0.0, description="G-OPD/ExOPD reward scale lambda (sampled_token_pg, estimator k1): the reward "
         "is lambda (log p_T - log p_ref) - (log p_S - log p_ref) with p_ref the initial student; >1 extrapolates.",
     )
-    entropy_threshold: float | None = Field(
+    entropy_threshold: Float | None = Field(
         None, ge=0.0, description="Entropy-aware OPD: add forward KL on positions whose teacher entropy (nats) "
         "is >= this (0.8 in arXiv 2603.07079); null = off. Works with reverse_kl and sampled_token_pg.",
     )
-    entropy_coef: float = Field(1.0, ge=0.0, description="Weight of the entropy-gated forward-KL term.")
-    entropy_top_k: int | None = Field(
+    entropy_coef: Float = Field(1.0, ge=0.0, description="Weight of the entropy-gated forward-KL term.")
+    entropy_top_k: Int | None = Field(
         16, ge=1, description="The gated forward KL uses the teacher's renormalised top-k (null = full vocab)."
     )
     verifier: str = Field(
         "exact_match", description="Outcome reward of `kdrl`: exact_match, numeric[:abs_tol=..,rel_tol=..], "
         "math_verify, or module:function (prompt, completion, reference) -> float/bool.",
     )
-    kd_coef: float = Field(5e-3, ge=0.0, description="KDRL: initial weight of the KD term.")
-    kd_coef_min: float = Field(1e-3, ge=0.0, description="KDRL: the KD weight decays linearly to this floor.")
-    kd_coef_decay: float = Field(5e-5, ge=0.0, description="KDRL: KD weight decrease per step (0 = constant).")
+    kd_coef: Float = Field(5e-3, ge=0.0, description="KDRL: initial weight of the KD term.")
+    kd_coef_min: Float = Field(1e-3, ge=0.0, description="KDRL: the KD weight decays linearly to this floor.")
+    kd_coef_decay: Float = Field(5e-5, ge=0.0, description="KDRL: KD weight decrease per step (0 = constant).")
     kd_estimator: Literal["k2", "k3"] = Field(
         "k2", description="KDRL: the KD term's single-sample estimator, differentiated through the student's "
         "log-prob of its own token: `k2` gives the reverse-KL gradient (KDRL's), `k3` the forward-KL gradient "
@@ -335,15 +364,15 @@ class LossConfig(_Section):
         True, description="uld: compare tokens present in both vocabularies exactly (JSD(beta)) and use ULD only "
         "for the rest (GOLD); false = plain ULD on the whole sorted distributions.",
     )
-    uld_matched_weight: float | None = Field(
+    uld_matched_weight: Float | None = Field(
         None, ge=0.0, le=1.0, description="uld hybrid: weight of the exact part (null = the matched share of the "
         "teacher vocabulary); the ULD part gets 1 minus it.",
     )
     discriminator_model: str | None = Field(
         None, description="GAD: discriminator backbone checkpoint (null = the student's initial checkpoint)."
     )
-    discriminator_lr: float = Field(1e-6, gt=0.0, description="GAD: discriminator learning rate (AdamW).")
-    discriminator_warmup_steps: int = Field(
+    discriminator_lr: Float = Field(1e-6, gt=0.0, description="GAD: discriminator learning rate (AdamW).")
+    discriminator_warmup_steps: Int = Field(
         10, ge=0, description="GAD: steps at the start that train only the discriminator (the student is frozen)."
     )
     divergence: Literal["forward_kl", "reverse_kl", "jsd", "tv", "skew_forward_kl", "skew_reverse_kl"] = Field(
@@ -354,12 +383,12 @@ class LossConfig(_Section):
         "sides; `renormalize` compares both renormalised on the top-k (with reverse_kl: LSM, arXiv 2603.25562); "
         "`teacher_renormalized` (forward_kl only) renormalises the teacher and keeps the student's full log-probs.",
     )
-    beta: float = Field(0.5, ge=0.0, le=1.0, description="JSD(beta) interpolation: 0 = forward KL, 1 = reverse KL.")
-    alpha: float = Field(0.1, ge=0.0, le=1.0, description="Skew of the DistiLLM skew KLs.")
-    chunk_size: int | None = Field(
+    beta: Float = Field(0.5, ge=0.0, le=1.0, description="JSD(beta) interpolation: 0 = forward KL, 1 = reverse KL.")
+    alpha: Float = Field(0.1, ge=0.0, le=1.0, description="Skew of the DistiLLM skew KLs.")
+    chunk_size: Int | None = Field(
         None, ge=1, description="Positions per chunk in the loss (null: sized so one fp32 [chunk, V] tensor is ~64 MB)."
     )
-    importance_cap: float | None = Field(
+    importance_cap: Float | None = Field(
         None, gt=0.0, description="Truncated importance sampling: the ratio q_theta / pi_sampler of the policy-"
         "gradient objectives (sampled_token_pg, kdrl, gad) is capped at this value, as a constant weight on "
         "grad log q_theta (null = uncapped). For stale rollouts (rollout.async_steps, weight_sync_every > 1).",
@@ -377,14 +406,14 @@ class LossConfig(_Section):
 
 
 class OptimConfig(_Section):
-    lr: float = Field(1e-5, gt=0.0, description="Peak learning rate of AdamW.")
-    weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay.")
-    betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas.")
-    eps: float = Field(1e-8, gt=0.0, description="AdamW epsilon.")
-    warmup_steps: int = Field(0, ge=0, description="Linear warm-up steps.")
+    lr: Float = Field(1e-5, gt=0.0, description="Peak learning rate of AdamW.")
+    weight_decay: Float = Field(0.0, ge=0.0, description="AdamW weight decay.")
+    betas: tuple[Float, Float] = Field((0.9, 0.999), description="AdamW betas.")
+    eps: Float = Field(1e-8, gt=0.0, description="AdamW epsilon.")
+    warmup_steps: Int = Field(0, ge=0, description="Linear warm-up steps.")
     schedule: Literal["cosine", "linear", "constant"] = Field("cosine", description="Decay after warm-up.")
-    min_lr_ratio: float = Field(0.0, ge=0.0, le=1.0, description="Final LR as a fraction of the peak.")
-    max_grad_norm: float | None = Field(1.0, gt=0.0, description="Gradient clipping norm (null = off).")
+    min_lr_ratio: Float = Field(0.0, ge=0.0, le=1.0, description="Final LR as a fraction of the peak.")
+    max_grad_norm: Float | None = Field(1.0, gt=0.0, description="Gradient clipping norm (null = off).")
 
     @model_validator(mode="after")
     def _check_betas(self) -> OptimConfig:
@@ -411,15 +440,15 @@ class TrainConfig(_Section):
         return launcher_distributed() if self.distributed == "auto" else self.distributed
 
     output_dir: str = Field("runs/opd", description="Run directory (config, metrics, checkpoints, final model).")
-    steps: int = Field(100, ge=1, description="Optimizer steps.")
-    batch_size: int = Field(8, ge=1, description="Prompts per micro-batch (per process).")
-    grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
-    seed: int = Field(0, description="Seed for data order, sampling and initialisation.")
-    log_every: int = Field(1, ge=1, description="Write metrics every N steps.")
-    eval_every: int = Field(0, ge=0, description="Evaluate every N steps (0 = only at the end).")
-    save_every: int = Field(0, ge=0, description="Checkpoint every N steps (0 = only the final model).")
-    keep_checkpoints: int = Field(2, ge=1, description="Keep only the newest N checkpoints.")
-    threads: int | None = Field(None, ge=1, description="torch CPU threads (null = torch default).")
+    steps: Int = Field(100, ge=1, description="Optimizer steps.")
+    batch_size: Int = Field(8, ge=1, description="Prompts per micro-batch (per process).")
+    grad_accum: Int = Field(1, ge=1, description="Micro-batches per optimizer step.")
+    seed: Int = Field(0, description="Seed for data order, sampling and initialisation.")
+    log_every: Int = Field(1, ge=1, description="Write metrics every N steps.")
+    eval_every: Int = Field(0, ge=0, description="Evaluate every N steps (0 = only at the end).")
+    save_every: Int = Field(0, ge=0, description="Checkpoint every N steps (0 = only the final model).")
+    keep_checkpoints: Int = Field(2, ge=1, description="Keep only the newest N checkpoints.")
+    threads: Int | None = Field(None, ge=1, description="torch CPU threads (null = torch default).")
     gradient_checkpointing: bool = Field(
         False, description="Recompute activations in backward to save memory (student in train mode, dropout 0)."
     )
@@ -442,7 +471,7 @@ class TrainConfig(_Section):
     fsdp_cpu_offload: bool = Field(
         False, description="fsdp: keep parameter shards, gradients and AdamW states in host memory (GPU only).",
     )
-    zero_stage: Literal[2, 3] = Field(
+    zero_stage: Annotated[Literal[2, 3], _NOT_BOOL] = Field(
         3, description="deepspeed: ZeRO stage (2: optimizer states and gradients sharded; 3: parameters too).",
     )
     cpu_linear: Literal["onednn", "torch"] = Field(
@@ -451,8 +480,10 @@ class TrainConfig(_Section):
         "than PyTorch's MKL sgemm on AMD CPUs; results equal to float32 rounding); `torch`: plain nn.Linear. "
         "GPUs are unaffected.",
     )
-    max_nonfinite_steps: int = Field(
-        5, ge=1, description="Steps with NaN/inf loss or gradient are skipped; stop after this many in a row."
+    max_nonfinite_steps: Int = Field(
+        5, ge=1, description="Steps with NaN/inf loss or gradient are skipped (and write no checkpoint); stop "
+        "after this many in a row. A run that ends on skipped steps, or whose final weights or logits are not "
+        "finite, writes no final/ and exits with an error (its checkpoints are kept).",
     )
     progress: bool = Field(True, description="Show a progress bar.")
     # --- experiment trackers (issue 18; opd.trackers) -------------------------------------------------
@@ -496,8 +527,8 @@ class TrainConfig(_Section):
 
 
 class EvalConfig(_Section):
-    max_new_tokens: int | None = Field(None, ge=1, description="Generation cap at eval (default: rollout's).")
-    batch_size: int = Field(64, ge=1, description="Prompts per eval batch.")
+    max_new_tokens: Int | None = Field(None, ge=1, description="Generation cap at eval (default: rollout's).")
+    batch_size: Int = Field(64, ge=1, description="Prompts per eval batch.")
     sampled: bool = Field(True, description="Also score temperature-`temperature` samples, not only greedy.")
     scorer: str = Field(
         "exact_match",
@@ -517,7 +548,7 @@ class EvalConfig(_Section):
         "eval/student_{eos,truncated,empty}_fraction at every evaluation, on the first `diagnostics_prompts` eval "
         "prompts.",
     )
-    diagnostics_prompts: int = Field(8, ge=1, description="Eval prompts the diagnostics use (kept small: cheap).")
+    diagnostics_prompts: Int = Field(8, ge=1, description="Eval prompts the diagnostics use (kept small: cheap).")
     # --- end training-time diagnostics ------------------------------------------------------------------
 
 
@@ -534,7 +565,7 @@ class RunConfig(_Section):
     optim: OptimConfig = OptimConfig()
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
-    temperature: float = Field(
+    temperature: Float = Field(
         1.0,
         gt=0.0,
         description="Softmax temperature used both to sample the student and inside the loss for both models.",

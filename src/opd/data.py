@@ -12,6 +12,7 @@ tokenizer(answer, add_special_tokens=False).input_ids + [eos]``.
 from __future__ import annotations
 
 import json
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,7 @@ class Example:
     answer_ids: list[int] | None = None  # reference completion incl. EOS
     extra: dict[str, Any] = field(default_factory=dict)
     messages: list[dict[str, Any]] | None = None  # chat turns of the prompt (without a trailing answer)
+    where: str | None = None  # the row it came from (`file:line`), for errors found after loading
 
 
 @dataclass
@@ -114,6 +116,36 @@ def _read_rows(source: str, split: str) -> list[tuple[str, dict[str, Any]]]:
         raise DataError(f"cannot load dataset {source!r} split {split!r}: {str(exc).splitlines()[0]}") from None
 
 
+def chat_template_source(tokenizer: Any) -> str:
+    """Where the tokenizer's chat template was read from: the file in its folder, else its hub id."""
+    origin = str(getattr(tokenizer, "name_or_path", "") or "")
+    folder = Path(origin) if origin else None
+    if folder is not None and folder.is_dir():
+        for name in ("chat_template.jinja", "chat_template.json"):
+            if (folder / name).is_file():
+                return str(folder / name)
+        config = folder / "tokenizer_config.json"
+        if config.is_file() and '"chat_template"' in config.read_text(encoding="utf-8", errors="replace"):
+            return str(config)
+    return f"of {origin}" if origin else "(set in code)"
+
+
+def render_chat(tokenizer: Any, messages: list[dict[str, Any]], where: str, whose: str = "chat template") -> str:
+    """``messages`` through the tokenizer's chat template with a generation prompt. A template that raises
+    (``raise_exception('Unknown role: ...')``, a missing key, a syntax error) names the row, the template's
+    file and the template line, as :class:`DataError`."""
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    except Exception as exc:
+        # jinja maps errors onto the template's own lines: frames named "<template>" (or a syntax error's lineno)
+        lines = [frame.lineno for frame in traceback.extract_tb(exc.__traceback__) if frame.filename == "<template>"]
+        line = lines[-1] if lines else getattr(exc, "lineno", None)
+        at = f" (line {line})" if line else ""
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DataError(f"{where}: the {whose} {chat_template_source(tokenizer)}{at} failed on this row: "
+                        f"{message}") from None
+
+
 def render_prompt(row: dict[str, Any], cfg: DataConfig, tokenizer: Any, where: str) -> tuple[str, str | None]:
     """The prompt text the model sees, and the answer taken from a trailing assistant turn.
 
@@ -132,7 +164,7 @@ def render_prompt(row: dict[str, Any], cfg: DataConfig, tokenizer: Any, where: s
             raise DataError(f"{where}: `{cfg.messages_field}` has no prompt turn")
         if getattr(tokenizer, "chat_template", None) is None:
             raise DataError(f"{where}: chat `messages` given but the tokenizer has no chat template")
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True), answer
+        return render_chat(tokenizer, messages, where), answer
     if cfg.prompt_field not in row:
         raise DataError(f"{where}: missing field `{cfg.prompt_field}` (or `{cfg.messages_field}`)")
     prompt = row[cfg.prompt_field]
@@ -144,9 +176,11 @@ def render_prompt(row: dict[str, Any], cfg: DataConfig, tokenizer: Any, where: s
 
 
 def load_examples(
-    source: str, cfg: DataConfig, tokenizer: Any, *, limit: int | None = None, need_answers: bool = False
+    source: str, cfg: DataConfig, tokenizer: Any, *, limit: int | None = None, need_answers: bool = False,
+    why: str = "needed by this recipe",
 ) -> tuple[list[Example], LoadReport]:
-    """Read ``source`` and tokenise every row; raises :class:`DataError` with file and row."""
+    """Read ``source`` and tokenise every row; raises :class:`DataError` with file and row (``why`` says
+    what a missing reference answer is needed for, when ``need_answers``)."""
     rows = _read_rows(source, cfg.split)
     if limit is not None:
         rows = rows[:limit]
@@ -170,7 +204,7 @@ def load_examples(
         if answer is not None and not isinstance(answer, str):
             answer = str(answer)
         if need_answers and not answer:
-            raise DataError(f"{where}: missing reference `{cfg.answer_field}` (needed by this recipe)")
+            raise DataError(f"{where}: missing reference `{cfg.answer_field}` ({why})")
         answer_ids = None
         if answer:
             answer_ids = tokenizer(answer, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
@@ -179,7 +213,7 @@ def load_examples(
         if has_template_bos:
             turns = list(row[cfg.messages_field])
             messages = turns[:-1] if turns and turns[-1]["role"] == "assistant" else turns
-        examples.append(Example(prompt, prompt_ids, answer or None, answer_ids, extra, messages))
+        examples.append(Example(prompt, prompt_ids, answer or None, answer_ids, extra, messages, where))
     report.kept = len(examples)
     if not examples:
         raise DataError(

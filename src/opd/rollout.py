@@ -98,9 +98,13 @@ def _left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torc
 
 @torch.no_grad()
 def hf_generate(
-    model: torch.nn.Module, prompts: list[list[int]], params: SamplingParams, tokenizer: Any
+    model: torch.nn.Module, prompts: list[list[int]], params: SamplingParams, tokenizer: Any,
+    stopping_criteria: Any = None,
 ) -> list[list[int]]:
-    """Sample completions with ``transformers`` ``generate`` (KV cache), truncated after EOS."""
+    """Sample completions with ``transformers`` ``generate`` (KV cache), truncated after EOS.
+
+    ``stopping_criteria`` (a transformers ``StoppingCriteriaList``) can end rows early; the server uses
+    it to drop rows whose client went away."""
     from transformers import GenerationConfig, LogitsProcessorList
 
     if not prompts:
@@ -134,7 +138,7 @@ def hf_generate(
         with packed_for_decoding(model, len(prompts)):
             out = model.generate(
                 input_ids=input_ids.to(device), attention_mask=attention.to(device), generation_config=gen_config,
-                logits_processor=processors,
+                logits_processor=processors, stopping_criteria=stopping_criteria,
             )
     finally:
         model.generation_config = saved_config

@@ -6,7 +6,8 @@ caller's check takes that server out for ``cooldown_s`` and the request is retri
 another healthy one; when none is left it waits (exponential backoff with jitter) and tries the
 server that failed longest ago. After ``max_retries`` retries of one request the call fails with
 one line. So a run survives losing all but one server, and a server that comes back is used again
-after its cool-down. Other HTTP errors (400, 401, 404, ...) are the request's fault and fail at once.
+after its cool-down. Other HTTP errors (400, 401, 404, 413, ...) are the request's fault and fail at
+once, with the server's own message.
 
 Nothing is filled in or guessed: a malformed answer is retried like a lost one, never used.
 """
@@ -34,7 +35,25 @@ class BadResponse(Exception):
     """An answer that arrived but cannot be trusted (truncated, not JSON, wrong shape)."""
 
 
-RETRIABLE_HTTP = (429, 500, 502, 503, 504)
+def retriable(status: int) -> bool:
+    """Overload (429) and server faults (5xx) may pass; any other 4xx is the request's fault and
+    would be refused again."""
+    return status == 429 or 500 <= status <= 599
+
+
+def error_message(exc: urllib.error.HTTPError) -> str:
+    """The server's own words: ``error.message`` of an OpenAI-style JSON error, else the body's start."""
+    try:
+        raw = exc.read(64 * 1024)
+    except OSError:
+        return exc.reason or "(no body)"
+    try:
+        message = json.loads(raw)["error"]["message"]
+        if isinstance(message, str):
+            return " ".join(message.split())[:500]
+    except (ValueError, KeyError, TypeError):
+        pass
+    return " ".join(raw[:300].decode(errors="replace").split()) or str(exc.reason)
 
 
 class ServerPool:
@@ -110,10 +129,9 @@ class ServerPool:
                     self._down_until[index] = 0.0
                 return result
             except urllib.error.HTTPError as exc:
-                if exc.code not in RETRIABLE_HTTP:
-                    detail = exc.read()[:200].decode(errors="replace")
-                    raise ServerError(f"{self.what} {url} rejected the request: HTTP {exc.code} "
-                                      f"{detail.strip()}") from None
+                if not retriable(exc.code):
+                    raise ServerError(f"{self.what} {url} rejected the request: HTTP {exc.code}: "
+                                      f"{error_message(exc)}") from None
                 kind, last = "http_errors", f"HTTP {exc.code}"
             except TimeoutError:
                 kind, last = "timeouts", f"no answer within {self.timeout:g}s"

@@ -31,7 +31,7 @@ import torch
 
 from opd.config import TeacherConfig
 from opd.cpu_linear import OneDNNLinear
-from opd.data import Example
+from opd.data import Example, render_chat
 from opd.errors import DataError, ModelError
 from opd.hooks import Hooks
 from opd.models import completion_logits, load_causal_lm, load_tokenizer
@@ -60,6 +60,10 @@ def check_same_tokenizer(student_tok: Any, teacher_tok: Any) -> None:
     )
 
 
+def _row(example: Any) -> str:
+    return example.where or f"prompt {example.prompt[:40]!r}"
+
+
 def own_template_prompts(batch: SequenceBatch, teacher_tokenizer: Any, student_template: Any) -> list[list[int]] | None:
     """Chat prompts re-rendered with the teacher's own chat template, when it differs from the
     student's (same vocabulary, so completions stay as they are); None when nothing changes."""
@@ -71,7 +75,7 @@ def own_template_prompts(batch: SequenceBatch, teacher_tokenizer: Any, student_t
     prompts = []
     for i, example in enumerate(batch.examples):
         if example.messages:
-            text = teacher_tokenizer.apply_chat_template(example.messages, tokenize=False, add_generation_prompt=True)
+            text = render_chat(teacher_tokenizer, example.messages, _row(example), "teacher's chat template")
             prompts.append(teacher_tokenizer(text, add_special_tokens=False).input_ids)
         else:
             row = batch.input_ids_BT[i, : batch.prompt_len]
@@ -301,7 +305,7 @@ class SelfTeacher(Teacher, Hooks):
             turns = [dict(m) for m in example.messages]
             last_user = max(i for i, m in enumerate(turns) if m["role"] == "user")
             turns[last_user]["content"] = self.template.format(**{**values, "prompt": turns[last_user]["content"]})
-            text = self.tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
+            text = render_chat(self.tokenizer, turns, _row(example), "self-teacher's chat template")
             return self.tokenizer(text, add_special_tokens=False).input_ids
         return self.tokenizer(self.template.format(**values)).input_ids
 

@@ -19,7 +19,8 @@ Departures from a textbook loop, and why: generation happens with the unwrapped 
 (no dropout in the behaviour policy); evaluation runs under a forked RNG so changing ``eval_every``
 does not change training; the loss is multiplied by the number of processes before backward because
 DDP averages gradients while our normaliser is already global; a step whose loss or gradient is not
-finite is skipped (and counted), not applied.
+finite is skipped (and counted), not applied, and writes no checkpoint; a run that ends on skipped steps,
+or whose final weights or logits are not finite, writes no ``final/`` and fails.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from opd import build
 from opd import checkpoint as ckpt
 from opd.build import Run, build_run
 from opd.config import RunConfig, dump_config
-from opd.errors import OpdError, RunDirError
+from opd.errors import OpdError, RunDirError, disk_writes
 from opd.metrics import MetricsLogger
 from opd.parallel import (
     DataParallel,
@@ -134,10 +135,11 @@ def check_run_dir(config: RunConfig, resume: bool) -> Path:
 
 
 def write_run_config(run_dir: Path, config: RunConfig) -> None:
-    run_dir.mkdir(parents=True, exist_ok=True)
     tmp = run_dir / ".config.yaml.tmp"
-    tmp.write_text(dump_config(config))
-    tmp.replace(run_dir / "config.yaml")
+    with disk_writes(run_dir / "config.yaml", cleanup=tmp):
+        run_dir.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(dump_config(config))
+        tmp.replace(run_dir / "config.yaml")
 
 
 def _progress(total: int, initial: int, enabled: bool) -> Any:
@@ -179,13 +181,24 @@ def train(config: RunConfig, *, resume: bool = False, log: Any = print) -> Train
         weights = StudentWeights(parallel, model, lambda: build.fresh_student(config), step=start_step)
         for hook in run.hooks:
             hook.start(weights)
-        tokens_seen = _train_steps(config, run, parallel, model, optimizer, scheduler, counters, start_step,
-                                   metrics_log, run_dir, log)
+        tokens_seen, skipped_at_end = _train_steps(config, run, parallel, model, optimizer, scheduler, counters,
+                                                   start_step, metrics_log, run_dir, log)
     finally:
         for hook in run.hooks:
             hook.close()
 
-    final_dir = _export(config, run, parallel, model, run_dir)
+    try:
+        if skipped_at_end:
+            # The weights are those before the NaN began, but the run did not finish: a final/ from them
+            # would pass for a trained model (and the step that led there may itself have blown them up).
+            first = config.train.steps - skipped_at_end + 1
+            raise OpdError(f"the run ended on {skipped_at_end} skipped step(s) (NaN/inf loss or gradient from step "
+                           f"{first} on); final/ not written, {_last_checkpoint(run_dir)}; lower optim.lr or "
+                           "check the models")
+        final_dir = _export(config, run, parallel, model, run_dir)
+    except OpdError:
+        metrics_log.close()
+        raise
     last_eval = _evaluate(run, parallel, model)
     if is_main:
         if last_eval:
@@ -202,8 +215,9 @@ def train(config: RunConfig, *, resume: bool = False, log: Any = print) -> Train
 
 def _train_steps(config: RunConfig, run: Run, parallel: Parallel, model: Any, optimizer: Any, scheduler: Any,
                  counters: dict[str, float], start_step: int, metrics_log: MetricsLogger, run_dir: Path,
-                 log: Any) -> int:
-    """The loop proper; returns the completion tokens it trained on."""
+                 log: Any) -> tuple[int, int]:
+    """The loop proper; returns the completion tokens it trained on and how many steps in a row at the
+    end were skipped as non-finite."""
     accelerator = parallel.accelerator
     is_main, device = accelerator.is_main_process, accelerator.device
     bar = _progress(config.train.steps, start_step, config.train.progress and is_main)
@@ -287,14 +301,15 @@ def _train_steps(config: RunConfig, run: Run, parallel: Parallel, model: Any, op
             if results:
                 metrics_log.log(step, results)
                 say(_eval_line(step, results))
-        if config.train.save_every and step % config.train.save_every == 0:
+        # A skipped step writes no checkpoint, so pruning never drops the last one taken after an applied step.
+        if config.train.save_every and step % config.train.save_every == 0 and stepped:
             ckpt.save_checkpoint(run_dir, step, parallel, model, optimizer, scheduler, {"counters": counters},
                                  config.train.keep_checkpoints, rank=accelerator.process_index,
                                  world=accelerator.num_processes, barrier=accelerator.wait_for_everyone,
                                  hooks=run.hooks)
         accelerator.wait_for_everyone()
     bar.close()
-    return tokens_seen
+    return tokens_seen, nonfinite_in_a_row
 
 
 # Cumulative compute of a run (global, all processes; restored on resume).
@@ -451,20 +466,54 @@ def _export(config: RunConfig, run: Run, parallel: Parallel, model: Any, run_dir
         if full is not None:
             final_model = build.fresh_student(config)
             final_model.load_state_dict(full)
-    if final_model is not None:
-        tmp = ckpt.atomic_dir(final_dir)
-        if config.model.lora_r is not None:
-            import copy
+    exported = final_model
+    if final_model is not None and config.model.lora_r is not None:
+        import copy
 
-            final_model.save_pretrained(tmp / "adapter", safe_serialization=True)  # the adapter alone
-            final_model = copy.deepcopy(final_model).merge_and_unload()  # a plain model, loadable anywhere
-        if config.train.gradient_checkpointing:
-            final_model.gradient_checkpointing_disable()
-        final_model.save_pretrained(tmp, safe_serialization=True)
-        run.tokenizer.save_pretrained(tmp)
-        ckpt.commit_dir(tmp, final_dir)
+        exported = copy.deepcopy(final_model).merge_and_unload()  # a plain model, loadable anywhere
+    problem = _nonfinite(exported) if exported is not None else None
+    # Every process learns of a problem found on the main one, so all raise (none waits at a barrier).
+    flag = torch.tensor(float(problem is not None), device=parallel.accelerator.device)
+    if parallel.accelerator.reduce(flag, "sum").item() > 0:
+        raise OpdError(f"the trained student {problem or 'is not finite'}; final/ not written, "
+                       f"{_last_checkpoint(run_dir)}; lower optim.lr or check the models")
+    if final_model is not None:
+        with disk_writes(final_dir):
+            tmp = ckpt.atomic_dir(final_dir)
+        with disk_writes(final_dir, cleanup=tmp):
+            if config.model.lora_r is not None:
+                final_model.save_pretrained(tmp / "adapter", safe_serialization=True)  # the adapter alone
+            final_model = exported
+            if config.train.gradient_checkpointing:
+                final_model.gradient_checkpointing_disable()
+            final_model.save_pretrained(tmp, safe_serialization=True)
+            run.tokenizer.save_pretrained(tmp)
+            ckpt.commit_dir(tmp, final_dir)
     parallel.accelerator.wait_for_everyone()
     return final_dir
+
+
+def _nonfinite(model: torch.nn.Module) -> str | None:
+    """What is not finite about the model to export (a weight, or its logits on a short probe), or None.
+
+    Weights can all be finite and still overflow: one step at lr=1e30 leaves entries near 1e29 whose
+    logits are NaN, so one forward on a few tokens is checked too.
+    """
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            return f"has NaN/inf in {name}"
+    # 32 consecutive token ids: a short probe may still pass (at lr=1e30, 5 tokens gave logits of 0 and
+    # 11 gave NaN), and ids need no tokenizer or data.
+    vocab = model.get_input_embeddings().num_embeddings
+    ids = torch.arange(32, device=next(model.parameters()).device) % vocab
+    with torch.no_grad():
+        logits = model(input_ids=ids[None], use_cache=False).logits
+    return None if bool(torch.isfinite(logits).all()) else "gives NaN/inf logits"
+
+
+def _last_checkpoint(run_dir: Path) -> str:
+    found = ckpt.list_checkpoints(run_dir)
+    return f"the last checkpoint ({found[-1]}) is kept" if found else "no checkpoint was written"
 
 
 def compute_summary(counters: dict[str, float]) -> str:
