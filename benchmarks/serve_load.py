@@ -160,8 +160,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 with lock:
                     queue.append(i)
 
-    def oversized() -> dict[str, Any]:
-        raw = b'{"prompt": [' + b"1, " * (args.big_mb * 1024 * 1024 // 3) + b"1]}"
+    def send_raw(raw: bytes) -> dict[str, Any]:
         started = time.monotonic()
         try:
             status, body = post(http.client.HTTPConnection("127.0.0.1", port, timeout=120), raw)
@@ -170,15 +169,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         except OSError as exc:
             return {"status": None, "error": f"{type(exc).__name__}: {exc}", "seconds": time.monotonic() - started}
 
+    def oversized() -> dict[str, Any]:
+        return send_raw(b'{"prompt": [' + b"1, " * (args.big_mb * 1024 * 1024 // 3) + b"1]}")
+
     def huge() -> dict[str, Any]:
-        raw = json.dumps({"prompt": [5] * 10**6, "max_tokens": 1, "prompt_logprobs": 5}).encode()
-        started = time.monotonic()
-        try:
-            status, body = post(http.client.HTTPConnection("127.0.0.1", port, timeout=120), raw)
-            return {"status": status, "seconds": time.monotonic() - started, "bytes": len(raw),
-                    "message": json.loads(body)["error"]["message"]}
-        except OSError as exc:
-            return {"status": None, "error": f"{type(exc).__name__}: {exc}", "seconds": time.monotonic() - started}
+        return send_raw(json.dumps({"prompt": [5] * 10**6, "max_tokens": 1, "prompt_logprobs": 5}).encode())
 
     half_open = []
     for i in range(args.half_open):

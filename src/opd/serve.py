@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import dataclasses
 import hmac
 import json
@@ -329,14 +330,8 @@ class CompletionsBackend:
         if first.max_tokens == 1:
             return self._run_one_token(jobs, rows)
         if first.max_tokens > 0:
-            devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
-            with torch.random.fork_rng(devices=devices):
-                if first.seed is not None:
-                    torch.manual_seed(first.seed)
-                for start in range(0, len(rows), step):
-                    chunk = rows[start : start + step]
-                    if all(job.cancelled.is_set() or time.monotonic() > job.deadline for job, _ in chunk):
-                        continue  # nobody waits for these rows any more
+            with _seeded(first.seed):
+                for start, chunk in _live_chunks(rows, step):
                     from transformers import StoppingCriteriaList
 
                     stop = StoppingCriteriaList([_StopCancelled([job for job, _ in chunk])])
@@ -361,14 +356,8 @@ class CompletionsBackend:
         first, step = jobs[0], self.limits.max_batch
         gens: list[list[int]] = [[] for _ in rows]
         scores: list[dict[str, torch.Tensor] | None] = [None] * len(rows)
-        devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
-        with torch.random.fork_rng(devices=devices):
-            if first.seed is not None:
-                torch.manual_seed(first.seed)
-            for start in range(0, len(rows), step):
-                chunk = rows[start : start + step]
-                if all(job.cancelled.is_set() or time.monotonic() > job.deadline for job, _ in chunk):
-                    continue
+        with _seeded(first.seed):
+            for start, chunk in _live_chunks(rows, step):
                 k = max(job.score_k or 0 for job, _ in chunk)
                 for i, score in enumerate(self._score([p for _, p in chunk], k, sample=first.params), start):
                     gens[i] = [int(score.pop("sampled"))]
@@ -826,3 +815,21 @@ def _split_by_job(jobs: list[_Job], gens: list[list[int]], scores: list[Any]) ->
         out.append((gens[at : at + n], scores[at : at + n] if job.score_k is not None else None))
         at += n
     return out
+
+
+@contextlib.contextmanager
+def _seeded(seed: int | None) -> Any:
+    """A request's own seed for its sampling, without touching the server's global random state."""
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):
+        if seed is not None:
+            torch.manual_seed(seed)
+        yield
+
+
+def _live_chunks(rows: list[tuple[_Job, list[int]]], step: int) -> Any:
+    """``(start, rows[start:start + step])`` for every chunk some job still waits for."""
+    for start in range(0, len(rows), step):
+        chunk = rows[start : start + step]
+        if not all(job.cancelled.is_set() or time.monotonic() > job.deadline for job, _ in chunk):
+            yield start, chunk
