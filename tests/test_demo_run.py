@@ -8,7 +8,7 @@ import json
 import pytest
 
 from opd.cli import main
-from opd.demo.run import compare, targets_line, verdict
+from opd.demo.run import compare, recovery_line, targets_line, verdict
 
 SEED_KEYS = {"accuracy", "accuracy_sampled", "token_accuracy", "token_accuracy_sampled"}
 METHODS = ("teacher", "student_base", "off_policy", "on_policy", "mixed", "off_to_on", "on_policy_equal_time",
@@ -39,6 +39,11 @@ def test_demo_quick_runs_and_writes_json_and_plot(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "headline (sort48):" in printed and "control (running_sum13):" in printed
     assert "targets met" in printed and "after the student's first error" in printed
+    assert "recovery check (sort48, 1 seeds): the base student trained 2 steps" in printed
+    check = full["headline"]["recovery_checks"][0]
+    assert set(check) >= {"teacher_corrupted", "base_corrupted", "trained_corrupted", "trained_token_accuracy_sampled"}
+    assert check["teacher_corrupted"] > 0.95 > check["base_corrupted"]  # the teacher recovers, the student does not
+    assert "recovery_checks" not in full["control"]  # nothing to recover on the control task
 
 
 def test_demo_refuses_non_empty_out_dir(tmp_path, capsys):
@@ -72,3 +77,23 @@ def test_verdict_is_computed_from_the_numbers():
     checks = targets_line(results)
     assert "on_policy: 3/4 targets met" in checks and "MISSED: beats off-policy on sampled per-token accuracy" in checks
     assert "off_to_on: 0/4 targets met" in checks
+
+
+def _check(base_corrupted: float, trained_corrupted: float, trained_clean: float, trained_sampled: float) -> dict:
+    return {"teacher_clean": 1.0, "teacher_corrupted": 0.99, "base_clean": 0.98, "base_corrupted": base_corrupted,
+            "trained_clean": trained_clean, "trained_corrupted": trained_corrupted, "trained_token_accuracy": 0.9,
+            "trained_token_accuracy_sampled": trained_sampled}
+
+
+def test_recovery_line_says_whether_the_student_can_learn_to_recover():
+    base = {"student_base": [_row(0.90, 0.2, 0.95, []), _row(0.80, 0.1, 0.9, [])]}
+    # corrupted-prefix accuracy +8 points, clean -0.5, sampled per-token +1: learnable
+    learns = {"key": "headline", "per_seed": base,
+              "recovery_checks": [_check(0.70, 0.78, 0.975, 0.86), _check(0.70, 0.78, 0.975, 0.86)]}
+    text = recovery_line(learns)
+    assert "70.0% -> 78.0% (teacher 99.0%)" in text and "85.0% -> 86.0%" in text
+    assert text.endswith("the student can learn to recover.")
+    # the same gain bought with 6 points of sampled accuracy: not learnable
+    trades = {**learns, "recovery_checks": [_check(0.70, 0.78, 0.975, 0.79)] * 2}
+    assert "can NOT learn to recover" in recovery_line(trades)
+    assert recovery_line({"key": "control", "per_seed": base}) is None

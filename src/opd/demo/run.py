@@ -35,7 +35,9 @@ not reported (:mod:`opd.demo.tune`).
 
 Scores per model: exact match and per-token accuracy, greedy and at temperature 1, per output
 position, the recovery curve (accuracy ``d`` tokens after the first error), answer length and the
-degenerate-answer rate. The verdict lines are computed from the numbers, and ``--out`` gets a PNG
+degenerate-answer rate. The headline task also checks the third condition from the student's side
+(:func:`recovery_check`): whether a model of the student's size can learn to recover at all when it
+is taught recovery directly. The verdict lines are computed from the numbers, and ``--out`` gets a PNG
 of the per-position and recovery curves (``demo.png``) and every number (``results.json``).
 """
 
@@ -122,6 +124,9 @@ class DemoTask:
     lr: dict[str, float]
     n_train: int = 4000
     n_eval: int = 256
+    recovery_noise: float = 0.0
+    """Largest share of corrupted prefix tokens in the recovery check (:func:`recovery_check`); 0: none."""
+    recovery_steps: int = 200
 
     def splits(self, n_train: int, n_eval: int, validation: bool = False
                ) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
@@ -143,6 +148,7 @@ TASKS: dict[str, DemoTask] = {
         token_correct=sort_task.token_correct, degenerate=sort_task.wrong_length,
         steps=80, batch_size=32, n_eval=128,
         lr={"off_policy": 1e-3, "on_policy": 1e-3, "mixed": 1e-3, "off_to_on": 1e-3},
+        recovery_noise=0.3,
     ),
     "control": DemoTask(
         key="control", name="running_sum13",
@@ -316,6 +322,49 @@ def teacher_on_student_prefixes(teacher: torch.nn.Module, demo_task: DemoTask, e
     return {f"teacher_accuracy_{kind}": hits[kind] / seen[kind] if seen[kind] else None for kind in hits}
 
 
+def recovery_check(demo_task: DemoTask, teacher: torch.nn.Module, student_dir: Path, data_dir: Path,
+                   tokenizer: Any, eval_examples: list[Any], seed: int) -> dict[str, float]:
+    """Can a model of the student's size learn the teacher's recovery at all?
+
+    The imitation-learning bound behind on-policy distillation (DAgger, arXiv 1011.0686, Thm 3.2)
+    is stated against the best policy *in the learner's class* on the learner's own states. If no
+    student-sized model acts well both on clean prefixes and after a slip, training on the student's
+    own states can only trade one for the other; it cannot remove the compounding.
+
+    The check gives recovery the most direct supervision there is. A copy of the base student is
+    trained for ``recovery_steps`` steps on the reference answers, with up to ``recovery_noise`` of
+    the prefix tokens it reads corrupted and the targets kept right. That is the teacher's own
+    recipe, i.e. noise injection (DART, arXiv 1703.09327). Teacher-forced accuracy on clean and
+    corrupted prefixes, and free-running per-token accuracy, are measured before and after, with the
+    teacher's teacher-forced accuracy as the reference. Fractions in [0, 1].
+    """
+    from opd.demo.build_sort import corrupt_sorted, teacher_forced_accuracy
+    from opd.demo.models import train_supervised
+    from opd.models import load_causal_lm
+
+    def read(name: str) -> list[dict[str, str]]:
+        return [json.loads(line) for line in (data_dir / name).read_text().splitlines() if line.strip()]
+
+    held_out, rate = read("eval.jsonl"), demo_task.recovery_noise
+    out: dict[str, float] = {}
+
+    def forced(prefix: str, model: torch.nn.Module) -> None:
+        model.eval()
+        out[f"{prefix}_clean"] = teacher_forced_accuracy(model, tokenizer, held_out, 0.0, seed=seed)
+        out[f"{prefix}_corrupted"] = teacher_forced_accuracy(model, tokenizer, held_out, rate, seed=seed)
+
+    forced("teacher", teacher)
+    student = load_causal_lm(str(student_dir))
+    forced("base", student)
+    train_supervised(student, tokenizer, read("train.jsonl"), steps=demo_task.recovery_steps, lr=1e-3,
+                     batch_size=demo_task.batch_size, seed=seed + 1000, log_every=0, corrupt=corrupt_sorted(rate))
+    forced("trained", student)
+    scores = _scores(_raw_eval(demo_task, student, tokenizer, eval_examples, seed))
+    out["trained_token_accuracy"] = scores["token_accuracy"]
+    out["trained_token_accuracy_sampled"] = scores["token_accuracy_sampled"]
+    return out
+
+
 def _right_tokens(demo_task: DemoTask, example: Any, text: str, tokenizer: Any) -> list[int]:
     """Token ids of the right answer at each position (the style the completion chose, on the control task)."""
     if demo_task.key == "headline":
@@ -399,6 +448,8 @@ def _run_job(task_key: str, seed: int, out_dir: Path, settings: dict[str, Any], 
     base_dir, seconds["student_base"] = _base_student(demo_task, seed, tokenizer, seed_dir)
     score("student_base", load_causal_lm(str(base_dir)))
     base = models["student_base"]
+    recovery = (recovery_check(demo_task, teacher, base_dir, data_dir, tokenizer, eval_examples, seed)
+                if demo_task.recovery_noise > 0 else None)
     print(f"{tag} base student: exact {100 * base['accuracy']:.0f}% / {100 * base['accuracy_sampled']:.0f}%, "
           f"per-token {100 * base['token_accuracy']:.1f}% / {100 * base['token_accuracy_sampled']:.1f}% "
           "(greedy / sampled)", flush=True)
@@ -430,7 +481,7 @@ def _run_job(task_key: str, seed: int, out_dir: Path, settings: dict[str, Any], 
             ratio = seconds["off_policy"] / seconds[method]
             run(f"{method}_equal_time", method, max(1, round(demo_task.steps * ratio)), demo_task.lr[method])
     return {"task": task_key, "seed": seed, "models": models, "seconds": seconds, "steps": steps_used,
-            "prefix_checks": prefix_checks}
+            "prefix_checks": prefix_checks, "recovery_check": recovery}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -565,6 +616,37 @@ def targets_line(task_results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def recovery_line(task_results: dict[str, Any]) -> str | None:
+    """One line from :func:`recovery_check`'s numbers (means over seeds): did supervising recovery
+    directly teach the student to recover, without costing it its accuracy on clean prefixes and
+    on its own samples? ``None`` for a task without the check."""
+    checks = task_results.get("recovery_checks")
+    if not checks:
+        return None
+
+    def mean(key: str) -> float:
+        return 100 * statistics.fmean(c[key] for c in checks)
+
+    base_rows = task_results["per_seed"]["student_base"]
+    sampled_before = 100 * statistics.fmean(r["token_accuracy_sampled"] for r in base_rows)
+    gain = mean("trained_corrupted") - mean("base_corrupted")
+    cost_clean = mean("trained_clean") - mean("base_clean")
+    cost_sampled = mean("trained_token_accuracy_sampled") - sampled_before
+    learnable = gain >= 1.0 and cost_clean >= -1.0 and cost_sampled >= -1.0
+    noise = TASKS[task_results["key"]].recovery_noise
+    steps = task_results.get("settings", {}).get("recovery_steps", TASKS[task_results["key"]].recovery_steps)
+    return (f"recovery check ({TASKS[task_results['key']].name}, {len(checks)} seeds): the base student trained "
+            f"{steps} steps on prefixes with up to {noise:.0%} of tokens corrupted and the right targets -- "
+            f"teacher-forced accuracy after corrupted prefixes {mean('base_corrupted'):.1f}% -> "
+            f"{mean('trained_corrupted'):.1f}% (teacher {mean('teacher_corrupted'):.1f}%), on clean prefixes "
+            f"{mean('base_clean'):.1f}% -> {mean('trained_clean'):.1f}%, sampled per-token {sampled_before:.1f}% -> "
+            f"{mean('trained_token_accuracy_sampled'):.1f}%: "
+            + ("the student can learn to recover." if learnable else
+               "the student can NOT learn to recover without losing accuracy on clean prefixes or on its own "
+               "samples, so the condition on-policy distillation needs (a student-sized policy that acts well "
+               "from its own wrong prefixes) does not hold here."))
+
+
 PLOT_METHODS = ("teacher", "student_base", *METHODS)
 COLORS = {"teacher": "black", "student_base": "grey", "off_policy": "tab:blue", "on_policy": "tab:red",
           "mixed": "tab:purple", "off_to_on": "tab:orange"}
@@ -690,7 +772,7 @@ def run_demo(
         demo_task = TASKS[key]
         size: dict[str, Any] = {"steps": demo_task.steps if steps is None else steps}
         if quick:
-            size.update(steps=steps or 20, n_eval=64)
+            size.update(steps=steps or 20, n_eval=64, recovery_steps=steps or 20)
         sizes[key] = size
         sized = replace(demo_task, **size)
         write_data(sized, out_dir)
@@ -731,16 +813,21 @@ def run_demo(
                 task_results["steps"].setdefault(name, []).append(value)
             for name, value in r["prefix_checks"].items():
                 task_results["prefix_checks"].setdefault(name, []).append(value)
+            if r.get("recovery_check"):
+                task_results.setdefault("recovery_checks", []).append(r["recovery_check"])
         results[key] = task_results
     results["seconds"] = time.perf_counter() - started
     plot = write_plot(results, out_dir / "demo.png")
     for key in tasks:
         results[key]["verdict"] = verdict(results[key])
+        results[key]["recovery_verdict"] = recovery_line(results[key])
         log("")
         log(_table(results[key]))
     log("")
     for key in tasks:
         log(results[key]["verdict"])
+        if results[key]["recovery_verdict"]:
+            log(results[key]["recovery_verdict"])
         if key == "headline":
             log("issue-17 targets on the headline task:\n" + targets_line(results[key]))
     log(f"plot: {plot}")
