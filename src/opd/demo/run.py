@@ -127,6 +127,7 @@ class DemoTask:
     recovery_noise: float = 0.0
     """Largest share of corrupted prefix tokens in the recovery check (:func:`recovery_check`); 0: none."""
     recovery_steps: int = 200
+    """Steps of that check's noise-injected training (batch ``batch_size``, lr 1e-3)."""
 
     def splits(self, n_train: int, n_eval: int, validation: bool = False
                ) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
@@ -326,7 +327,7 @@ def recovery_check(demo_task: DemoTask, teacher: torch.nn.Module, student_dir: P
                    tokenizer: Any, eval_examples: list[Any], seed: int) -> dict[str, float]:
     """Can a model of the student's size learn the teacher's recovery at all?
 
-    The imitation-learning bound behind on-policy distillation (DAgger, arXiv 1011.0686, Thm 3.2)
+    The imitation-learning bound behind on-policy distillation (DAgger, arXiv 1011.0686, section 3)
     is stated against the best policy *in the learner's class* on the learner's own states. If no
     student-sized model acts well both on clean prefixes and after a slip, training on the student's
     own states can only trade one for the other; it cannot remove the compounding.
